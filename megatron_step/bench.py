@@ -1,0 +1,119 @@
+"""`make bench` — platform-layer overhead on CPU.
+
+    python -m megatron_step.bench [--iters 10]
+
+Runs one training step (forward, backward, DDP grad sync, distributed-optimizer Adam step) of the
+small Megatron-Core MoE GPT in one process, alternating between:
+  ours:      the CPU patches of megatron_step/platform/cpu_patches.py (module-scoped torch view for
+             hard-coded `device="cuda"` factories; every other op untouched);
+  reference: the same plus a global `TorchFunctionMode` that rewrites CUDA devices on *every* torch
+             call — the approach a feasibility run used, which the patch module replaced.
+Prints median step times and the ratio reference / ours (> 1 means ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform as pyplatform
+import statistics
+import time
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites `device=cuda` on every torch call (the reference approach)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _bench(rank, world_size, iters: int, cfg_kw: dict):
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_step import platform
+    from megatron_step.config import ParallelConfig
+    from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
+
+    cfg = LocalGPTConfig(**cfg_kw)
+    platform.setup(ParallelConfig(), seed=0)
+    model = DistributedDataParallel(
+        config=(m := build_local_gpt(cfg, ParallelConfig())).config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
+        module=m,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, use_distributed_optimizer=True), [model]
+    )
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_length + 1))
+    pos = torch.arange(cfg.seq_length).unsqueeze(0).expand(4, -1)
+
+    def step():
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        finalize_model_grads([model])
+        opt.step()
+
+    step()  # warm-up
+    times = {"ours": [], "reference": []}
+    for _ in range(iters):
+        for name in times:
+            t0 = time.perf_counter()
+            if name == "reference":
+                with _CudaToCpuMode():
+                    step()
+            else:
+                step()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, sum(p.numel() for p in m.parameters())
+
+
+def main(argv=None):
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    from megatron_step.testing import run_distributed
+
+    models = {
+        # the parity-test model: small ops, so per-call overhead dominates
+        "test model (h64, 4 experts, seq 32)": {},
+        "larger (h128, 8 experts, seq 128)": dict(
+            num_layers=4,
+            hidden_size=128,
+            num_attention_heads=8,
+            num_query_groups=4,
+            ffn_hidden_size=256,
+            num_experts=8,
+            moe_ffn_hidden_size=128,
+            vocab_size=1024,
+            seq_length=128,
+        ),
+    }
+    print(
+        f"machine: {pyplatform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        "one step = fwd + bwd + grad sync + dist-optimizer Adam, batch 4 sequences"
+    )
+    print(f"{'model':<38} {'params':>8} {'ours (ms)':>10} {'reference (ms)':>15} {'ref / ours':>11}")
+    for label, cfg_kw in models.items():
+        med, n_params = run_distributed(_bench, 1, args.iters, cfg_kw)[0]
+        print(
+            f"{label:<38} {n_params / 1e6:7.2f}M {med['ours'] * 1e3:10.1f} "
+            f"{med['reference'] * 1e3:15.1f} {med['reference'] / med['ours']:11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
