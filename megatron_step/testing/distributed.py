@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import queue
 import traceback
 from collections.abc import Callable
@@ -42,7 +43,9 @@ def _worker(fn, rank, world_size, port, args, kwargs, results):
     )
     try:
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, out))
+        # Plain pickle (bytes): torch's queue reductions would pass tensors as shared-memory file
+        # descriptors that vanish when this process exits before the parent reads them.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - surfaced to the parent verbatim
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -86,7 +89,7 @@ def run_distributed(
             if not ok:
                 failure = (rank, payload)
                 break
-            outputs[rank] = payload
+            outputs[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if failure is None else 1)

@@ -1,5 +1,11 @@
-"""Bodies for the parallel-parity tests: run one training step of a small Megatron-Core MoE GPT under
-a given layout and export loss + gradients in a layout-independent form.
+"""Parallel-parity harness: run one training step of a Megatron-Core model under a given layout and
+export loss + gradients in a layout-independent form, so any TP/EP/PP/DP layout can be compared
+with the 1-process result.
+
+    build = functools.partial(build_local_gpt, LocalGPTConfig())      # (ParallelConfig) -> model
+    ref = run_distributed(run_layout, 1, build, {}, data, wdir, gdir1, True)
+    got = run_distributed(run_layout, 2, build, {"tp": 2}, data, wdir, gdir2, False)
+    ref_grads, got_grads = run_distributed(load_full, 1, build, [gdir1, gdir2])[0]
 
 Gradients cross layouts through Megatron-Core's own dist-checkpointing: after the step each rank
 copies its (DDP-reduced, TP-all-reduced) `main_grad` into the parameter and saves the model's sharded
@@ -10,7 +16,6 @@ state dict; a 1-process model then loads it, so Megatron-Core does the gathering
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import torch
 from megatron.core import dist_checkpointing
@@ -21,19 +26,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
 from megatron_step.config import ParallelConfig
-from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
 
 GLOBAL_BATCH = 4  # sequences per step; microbatch size 1
 SEED = 1234
 
 
-def global_batch(cfg: LocalGPTConfig) -> torch.Tensor:
+def global_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
+    """(GLOBAL_BATCH, seq_length + 1) token ids: inputs are [:, :-1], labels [:, 1:]."""
     g = torch.Generator().manual_seed(SEED)
-    return torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, cfg.seq_length + 1), generator=g)
+    return torch.randint(0, vocab_size, (GLOBAL_BATCH, seq_length + 1), generator=g)
 
 
-def build(cfg: LocalGPTConfig, parallel: ParallelConfig):
-    model = build_local_gpt(cfg, parallel)
+def wrap_ddp(model):
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
@@ -55,11 +59,10 @@ def _forward_step(data_iterator, model):
     return out, loss_func
 
 
-def train_step(model, cfg: LocalGPTConfig) -> float | None:
+def train_step(model, data: torch.Tensor) -> float | None:
     """One fwd/bwd over this rank's DP slice of the global batch; returns the DP-mean loss (last
     pipeline stage) or None (other stages)."""
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    data = global_batch(cfg)
     local = data[dp_rank * GLOBAL_BATCH // dp : (dp_rank + 1) * GLOBAL_BATCH // dp]
     micro = [(row[None, :-1], row[None, 1:]) for row in local]
     model.zero_grad_buffer()
@@ -68,7 +71,7 @@ def train_step(model, cfg: LocalGPTConfig) -> float | None:
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),
-        seq_length=cfg.seq_length,
+        seq_length=data.shape[1] - 1,
         micro_batch_size=1,
         forward_only=False,
     )
@@ -86,10 +89,12 @@ def grads_into_params(model) -> None:
         p.data.copy_(g if g is not None else torch.zeros_like(p))
 
 
-def run_layout(rank, world_size, parallel_kw, cfg, weights_dir, grads_dir, save_weights):
+def run_layout(rank, world_size, build, parallel_kw, data, weights_dir, grads_dir, save_weights):
+    """One step under `parallel_kw`; weights come from (or, with save_weights, go to) weights_dir;
+    the reduced gradients go to grads_dir as a sharded checkpoint. Returns the DP-mean loss."""
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=SEED)
-    model = build(cfg, parallel)
+    model = wrap_ddp(build(parallel))
     os.makedirs(weights_dir, exist_ok=True)
     os.makedirs(grads_dir, exist_ok=True)
     if save_weights:
@@ -97,21 +102,54 @@ def run_layout(rank, world_size, parallel_kw, cfg, weights_dir, grads_dir, save_
     else:
         state = dist_checkpointing.load(model.module.sharded_state_dict(), weights_dir)
         model.module.load_state_dict(state)
-    loss = train_step(model, cfg)
+    loss = train_step(model, data)
     grads_into_params(model)
     dist_checkpointing.save(model.module.sharded_state_dict(), grads_dir)
     return loss
 
 
-def load_full(rank, world_size, cfg, ckpt_dirs):
+def load_full(rank, world_size, build, ckpt_dirs):
     """Load each (grads) checkpoint into a 1-process model; return full tensors by name."""
     platform.setup(ParallelConfig(), seed=SEED)
     out = []
     for d in ckpt_dirs:
-        model = build_local_gpt(cfg, ParallelConfig())
+        model = build(ParallelConfig())
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), d))
-        out.append({k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k})
+        state = model.state_dict()
+        out.append({k: v.detach().clone() for k, v in state.items() if "_extra_state" not in k})
     return out
 
 
-__all__ = ["load_full", "partial", "run_layout"]
+def compare_layout(
+    build, parallel_kw, data, reference: dict, grads_dir: str, world_size: int = 2, rtol: float = 1e-5
+) -> dict:
+    """Run `parallel_kw` on `world_size` ranks from the reference weights; assert its loss and every
+    gradient match the reference (`reference` = {"loss", "weights", "grads"} from a 1-rank
+    `run_layout`) within `rtol` (relative, per tensor, Frobenius norm). Returns the errors."""
+    from megatron_step.testing.distributed import run_distributed
+
+    losses = run_distributed(
+        run_layout, world_size, build, parallel_kw, data, reference["weights"], grads_dir, False
+    )
+    loss = next(x for x in losses if x is not None)
+    assert abs(loss - reference["loss"]) <= rtol * abs(reference["loss"]), (loss, reference["loss"])
+    ref, got = run_distributed(load_full, 1, build, [reference["grads"], grads_dir])[0]
+    assert ref.keys() == got.keys(), set(ref) ^ set(got)
+    dead = [k for k, v in ref.items() if v.abs().sum() == 0]
+    assert not dead, f"reference gradients are all zero (the comparison would prove nothing): {dead}"
+    errors = {k: ((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-12)).item() for k in ref}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, f"{worst}: relative grad error {errors[worst]:.3e}"
+    return {"loss": loss, "max_rel_grad_err": errors[worst], "worst": worst}
+
+
+def make_reference(build, data, root) -> dict:
+    """1-rank reference: saves the initial weights and the gradients of one step under `root`."""
+    from megatron_step.testing.distributed import run_distributed
+
+    weights, grads = os.path.join(root, "weights"), os.path.join(root, "grads")
+    (loss,) = run_distributed(run_layout, 1, build, {}, data, weights, grads, True)
+    return {"loss": loss, "weights": weights, "grads": grads}
+
+
+__all__ = ["compare_layout", "global_batch", "load_full", "make_reference", "run_layout"]
