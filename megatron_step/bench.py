@@ -80,6 +80,27 @@ def _bench(rank, world_size, iters: int, cfg_kw: dict):
     return {k: statistics.median(v) for k, v in times.items()}, sum(p.numel() for p in m.parameters())
 
 
+def _step_tiny_fwd_bwd(rank, world_size, iters: int, batch: int, seq: int):
+    """Median forward+backward time of the Step 3.5 Flash tiny preset (1 process, fp32)."""
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_step import platform
+    from megatron_step.config import ParallelConfig
+    from megatron_step.models.step_flash import build_step_flash, tiny
+
+    cfg = tiny()
+    platform.setup(ParallelConfig(), seed=0)
+    model = build_step_flash(cfg, ParallelConfig())
+    tok = torch.randint(0, cfg.vocab_size, (batch, seq))
+    pos = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        model(tok, pos, None, labels=tok).mean().backward()
+        if i:  # first call is warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(p.numel() for p in model.parameters())
+
+
 def main(argv=None):
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,6 +134,12 @@ def main(argv=None):
             f"{label:<38} {n_params / 1e6:7.2f}M {med['ours'] * 1e3:10.1f} "
             f"{med['reference'] * 1e3:15.1f} {med['reference'] / med['ours']:11.2f}"
         )
+    batch, seq = 4, 64
+    t, n = run_distributed(_step_tiny_fwd_bwd, 1, args.iters, batch, seq)[0]
+    print(
+        f"\nStep 3.5 Flash tiny preset ({n / 1e6:.2f}M params incl. MTP-3), fwd+bwd, "
+        f"batch {batch} x {seq} tokens: {t * 1e3:.1f} ms ({batch * seq / t:,.0f} tokens/s)"
+    )
 
 
 if __name__ == "__main__":
