@@ -118,3 +118,11 @@ def test_fp8_forward_backward_on_hopper():
 
     out = run_distributed(fp8_step, 1)[0]
     assert math.isfinite(out["loss"]) and out["fp8"]
+
+
+@pytest.mark.gpu
+def test_sliding_window_local_path_matches_te_path():
+    from tests.models._gpu_bodies import local_vs_te_attention
+
+    r = run_distributed(local_vs_te_attention, 1)[0]
+    assert r["max_abs_diff"] <= 1e-3 * max(r["scale"], 1.0), r  # TE kernels may use TF32/bf16 inside
