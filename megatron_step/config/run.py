@@ -1,0 +1,184 @@
+"""A training run's config: typed sections, a YAML file naming a model preset, `key=value`
+overrides from the command line.
+
+    # examples/tiny/tiny.yaml
+    model_preset: tiny
+    model: {vocab_size: 2048}
+    parallel: {tp: 1}
+    train: {steps: 300, global_batch_size: 8}
+
+    cfg = load_run_config("examples/tiny/tiny.yaml", ["train.steps=20", "optim.lr=1e-3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from megatron_step.config.parallel import ParallelConfig
+from megatron_step.models.step_flash.config import StepFlashConfig, preset
+
+
+@dataclass
+class DataConfig:
+    # "embedded": the corpus built from this machine's Python standard library (no download);
+    # otherwise Megatron indexed-dataset prefixes in `data_path` ("weight prefix weight prefix ...").
+    corpus: str = "embedded"
+    data_path: list[str] = field(default_factory=list)
+    tokenizer_model: str | None = None  # sentencepiece .model; None: train one for "embedded"
+    tokenizer_vocab_size: int = 2048  # when the embedded tokenizer is trained
+    split: str = "98,2,0"  # train, valid, test shares of each prefix
+    seq_length: int = 128
+    data_dir: str = "runs/data"  # where the embedded corpus, tokenizer and .bin/.idx are cached
+
+    def __post_init__(self):
+        if self.seq_length < 2:
+            raise ValueError(f"data.seq_length={self.seq_length}: must be >= 2")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ValueError(f"data.split={self.split!r}: expected three numbers 'train,valid,test'")
+        if self.corpus != "embedded" and not self.data_path:
+            raise ValueError(f"data.corpus={self.corpus!r} needs data.data_path (indexed-dataset prefixes)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam (AdamW via weight_decay) | sgd; MACRO arrives with its issue
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: str = "cosine"  # cosine | WSD | linear | constant (Megatron-Core's names)
+    warmup_steps: int = 20
+    wsd_decay_steps: int | None = None  # WSD: length of the final decay
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optim.optimizer={self.optimizer!r}: one of adam, sgd")
+        if self.lr_schedule not in ("cosine", "WSD", "linear", "constant"):
+            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r}: one of cosine, WSD, linear, constant")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(
+                f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0"
+            )
+        if self.lr_schedule == "WSD" and not self.wsd_decay_steps:
+            raise ValueError("optim.lr_schedule=WSD needs optim.wsd_decay_steps > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_steps: int = 4
+    save_interval: int = 100
+    run_dir: str = "runs/tiny"
+    resume: bool = False
+    # MFU denominator: peak dense TFLOP/s of one device (989 for H100/H800 bf16; measure on CPU)
+    peak_tflops: float = 989.0
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model_preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # StepFlashConfig field overrides
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_config(self) -> StepFlashConfig:
+        base = preset(self.model_preset)
+        unknown = set(self.model) - {f.name for f in dataclasses.fields(StepFlashConfig)}
+        if unknown:
+            raise ValueError(f"model.{sorted(unknown)[0]}: not a StepFlashConfig field")
+        return base.replace(**self.model)
+
+    def validate(self, world_size: int) -> None:
+        """Checks that need the world size: layout, batch divisibility."""
+        self.parallel.validate(world_size)
+        dp = self.parallel.dp(world_size)
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"train.global_batch_size({t.global_batch_size}) is not divisible by "
+                f"micro_batch_size({t.micro_batch_size}) * dp({dp})"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _coerce(value: str, annotation) -> Any:
+    """Parse a CLI string for a field of the given (string) annotation using YAML scalars."""
+    parsed = yaml.safe_load(value)
+    if "float" in str(annotation) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        return float(parsed)
+    return parsed
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. train.steps=20")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] in _SECTIONS and len(parts) == 2:
+            cls = _SECTIONS[parts[0]]
+            hints = {f.name: f.type for f in dataclasses.fields(cls)}
+            if parts[1] not in hints:
+                raise ValueError(f"override {key}: {cls.__name__} has no field {parts[1]!r}")
+            raw.setdefault(parts[0], {})[parts[1]] = _coerce(value, hints[parts[1]])
+        elif parts[0] == "model" and len(parts) == 2:
+            hints = {f.name: f.type for f in dataclasses.fields(StepFlashConfig)}
+            if parts[1] not in hints:
+                raise ValueError(f"override {key}: StepFlashConfig has no field {parts[1]!r}")
+            raw.setdefault("model", {})[parts[1]] = _coerce(value, hints[parts[1]])
+        elif parts == ["model_preset"]:
+            raw["model_preset"] = value
+        else:
+            raise ValueError(f"override {key}: unknown key (sections: model, {', '.join(_SECTIONS)})")
+    unknown = set(raw) - {"model_preset", "model", *_SECTIONS}
+    if unknown:
+        raise ValueError(f"{path or 'config'}: unknown top-level key {sorted(unknown)[0]!r}")
+    kwargs: dict[str, Any] = {
+        "model_preset": raw.get("model_preset", "tiny"),
+        "model": raw.get("model") or {},
+    }
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = set(section) - fields
+        if bad:
+            raise ValueError(f"{name}.{sorted(bad)[0]}: unknown field of {cls.__name__}")
+        kwargs[name] = cls(**section)
+    cfg = RunConfig(**kwargs)
+    cfg.model_config()  # validates model overrides early
+    return cfg
+
+
+__all__ = ["DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "load_run_config"]
