@@ -83,7 +83,10 @@ class TrainConfig:
     eval_steps: int = 4
     save_interval: int = 100
     run_dir: str = "runs/tiny"
-    resume: bool = False
+    resume: bool = False  # continue from <run_dir>/checkpoints/latest when it exists
+    # Stop (after saving) once this step is reached, as a preempted job would; the schedule still
+    # spans `steps`, so a later `resume` run continues the same curve. None: run to `steps`.
+    exit_after: int | None = None
     # MFU denominator: peak dense TFLOP/s of one device (989 for H100/H800 bf16; measure on CPU)
     peak_tflops: float = 989.0
 

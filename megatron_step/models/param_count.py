@@ -99,3 +99,33 @@ def attention_flops_per_token(layer_heads_windows, head_dim: int, seq_len: int) 
             keys = (w * (w + 1) / 2 + (seq_len - w) * (w + 1)) / seq_len
         total += 4 * heads * head_dim * keys
     return total
+
+
+def step_flash_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward FLOPs per token of a StepFlashConfig model (matmuls x 2 + attention scores), counting
+    the MTP modules (they run every step). Used for TFLOP/s and MFU; training costs ~3x this."""
+    h, d, kv = cfg.hidden_size, cfg.head_dim, cfg.num_query_groups
+
+    def attn_params(heads):
+        return h * heads * d * 2 + 2 * h * kv * d + (h * heads if cfg.head_gate else 0)
+
+    def ffn_params(layer):
+        if cfg.is_moe(layer):
+            return (
+                cfg.moe_topk * 3 * h * cfg.moe_ffn_hidden_size
+                + 3 * h * cfg.shared_expert_ffn_hidden_size
+                + h * cfg.num_experts
+            )
+        return 3 * h * cfg.dense_ffn_hidden_size
+
+    matmul = 0
+    windows = []
+    for i in range(cfg.num_layers):
+        heads = cfg.full_attention_heads if cfg.is_full_attention(i) else cfg.sliding_attention_heads
+        matmul += attn_params(heads) + ffn_params(i)
+        windows.append((heads, None if cfg.is_full_attention(i) else cfg.sliding_window))
+    mtp_layer = 2 * h * h + attn_params(cfg.sliding_attention_heads) + 3 * h * cfg.dense_ffn_hidden_size
+    matmul += cfg.mtp_num_layers * (mtp_layer + h * cfg.vocab_size)
+    windows += [(cfg.sliding_attention_heads, cfg.sliding_window)] * cfg.mtp_num_layers
+    matmul += h * cfg.vocab_size  # LM head
+    return 2 * matmul + attention_flops_per_token(windows, d, seq_len)

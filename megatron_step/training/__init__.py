@@ -1,0 +1,1 @@
+"""Training: the pretraining loop, checkpoints, monitoring, layout dry-run."""

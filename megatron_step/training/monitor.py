@@ -1,0 +1,112 @@
+"""What a run tells its user: the startup banner, TensorBoard scalars, the progress bar.
+
+Only one rank writes (the first DP/TP rank of the last pipeline stage, where the loss lives);
+the others get a no-op monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as pyplatform
+import subprocess
+import sys
+
+import torch
+from megatron.core import parallel_state as ps
+
+
+def is_logging_rank() -> bool:
+    return (
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+        and ps.get_data_parallel_rank() == 0
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+
+
+def git_hash() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def versions() -> dict:
+    import megatron.core
+
+    out = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "megatron-core": megatron.core.__version__,
+        "machine": pyplatform.machine(),
+    }
+    for name in ("transformer_engine", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+class Monitor:
+    """TensorBoard + tqdm + run_info.json, on the logging rank only."""
+
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
+
+    def banner(self, info: dict) -> None:
+        if not self.enabled:
+            return
+        text = json.dumps(info, indent=2, default=str)
+        print(f"megatron-step run\n{text}", flush=True)
+        with open(os.path.join(self.run_dir, "run_info.json"), "w") as f:
+            f.write(text)
+        self.writer.add_text("run_info", f"```\n{text}\n```", 0)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def progress(self, n: int, postfix: dict | None = None) -> None:
+        if self.enabled:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.flush()
+            self.writer.close()
