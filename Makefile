@@ -10,7 +10,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/
   command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null \
   && { command -v $$p; break; }; done)
 
-.PHONY: install test test-all test-gpu lint format demo bench clean
+.PHONY: install test test-all test-gpu lint format demo demo-platform bench clean
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,13 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The main job: embedded corpus -> tokenizer -> indexed data -> tiny Step 3.5 Flash pretraining
+# (300 steps on CPU), TensorBoard logs and checkpoints under runs/tiny.
 demo: install
+	$(PY) pretrain/pretrain_step.py --config examples/tiny/tiny.yaml
+
+# The platform demo: one small MoE GPT under 1 process, TP=2 and DP=2 with matching loss curves.
+demo-platform: install
 	$(PY) -m megatron_step.demo
 
 bench: install

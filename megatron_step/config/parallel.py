@@ -18,6 +18,10 @@ class ParallelConfig:
     ep: int = 1  # expert parallel
     etp: int = 1  # expert tensor parallel
     sequence_parallel: bool | None = None  # None: on exactly when tp > 1
+    # Megatron-Core pipeline layout string ("E" embedding, "t" decoder layer, "m" MTP, "L" loss,
+    # "|" stage boundary), e.g. "Ett|(ttt|)*14,tmmmL" for 45 layers + MTP-3 on PP8 x VPP2. Lets a
+    # layer count that does not divide pp*vpp be split unevenly. None: uniform split.
+    pipeline_layout: str | None = None
     world_size: int | None = None  # None: taken from torch.distributed at setup
 
     def __post_init__(self):
@@ -30,12 +34,55 @@ class ParallelConfig:
                 raise ValueError(f"parallel.vpp must be None or a positive integer, got {self.vpp!r}")
             if self.vpp > 1 and self.pp < 2:
                 raise ValueError(f"parallel.vpp={self.vpp} needs pp >= 2, got pp={self.pp}")
+        if self.pipeline_layout is not None:
+            stages = self.pipeline_layout_stages()
+            if stages % self.pp:
+                raise ValueError(
+                    f"parallel.pipeline_layout has {stages} stages, not a multiple of pp={self.pp}"
+                )
+            implied = stages // self.pp
+            if self.vpp is None and implied > 1:
+                self.vpp = implied
+            elif (self.vpp or 1) != implied:
+                raise ValueError(
+                    f"parallel.vpp={self.vpp} but pipeline_layout has {stages} stages "
+                    f"= pp({self.pp}) x {implied}"
+                )
         if self.sequence_parallel is None:
             self.sequence_parallel = self.tp > 1
         elif self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=True needs tp > 1 (got tp=1)")
         if self.world_size is not None:
             self.validate(self.world_size)
+
+    def pipeline_layout_stages(self) -> int:
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        try:
+            return PipelineParallelLayerLayout.get_num_stages_from_str(self.pipeline_layout)
+        except AssertionError as e:
+            raise ValueError(f"parallel.pipeline_layout={self.pipeline_layout!r}: {e}") from None
+
+    def validate_layers(self, num_layers: int, mtp_num_layers: int) -> None:
+        """Raise with the numbers when the decoder (+ MTP) cannot be split over the pipeline."""
+        if self.pipeline_layout is not None:
+            from megatron.core.transformer.pipeline_parallel_layer_layout import (
+                PipelineParallelLayerLayout,
+            )
+
+            try:
+                PipelineParallelLayerLayout(self.pipeline_layout, self.pp).validate_layer_layout(
+                    num_layers, mtp_num_layers or None
+                )
+            except AssertionError as e:
+                raise ValueError(f"parallel.pipeline_layout={self.pipeline_layout!r}: {e}") from None
+            return
+        stages = self.pp * (self.vpp or 1)
+        if num_layers % stages:
+            raise ValueError(
+                f"num_layers({num_layers}) is not divisible by pp({self.pp}) * vpp({self.vpp or 1}) = "
+                f"{stages}; change the layout or give parallel.pipeline_layout for an uneven split"
+            )
 
     def validate(self, world_size: int) -> None:
         """Raise with the numbers when this layout does not fit `world_size` ranks."""

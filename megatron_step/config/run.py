@@ -115,6 +115,8 @@ class RunConfig:
     def validate(self, world_size: int) -> None:
         """Checks that need the world size: layout, batch divisibility."""
         self.parallel.validate(world_size)
+        m = self.model_config()
+        self.parallel.validate_layers(m.num_layers, m.mtp_num_layers)
         dp = self.parallel.dp(world_size)
         t = self.train
         if t.global_batch_size % (t.micro_batch_size * dp):

@@ -84,7 +84,11 @@ class Monitor:
         if not self.enabled:
             return
         text = json.dumps(info, indent=2, default=str)
-        print(f"megatron-step run\n{text}", flush=True)
+        short = {
+            k: info[k] for k in ("git", "versions", "layout", "device", "resumed_from_step") if k in info
+        }
+        print(f"megatron-step run {json.dumps(short, default=str)}", flush=True)
+        print(f"resolved config: {os.path.join(self.run_dir, 'run_info.json')}", flush=True)
         with open(os.path.join(self.run_dir, "run_info.json"), "w") as f:
             f.write(text)
         self.writer.add_text("run_info", f"```\n{text}\n```", 0)

@@ -94,6 +94,7 @@ def transformer_config(
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=bool(parallel.sequence_parallel),
+        pipeline_model_parallel_layout=parallel.pipeline_layout,
         **moe,
         **fp8,
     )
