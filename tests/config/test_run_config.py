@@ -1,0 +1,43 @@
+"""Run configs: YAML + key=value overrides, typed coercion, errors that name the field and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_step.config.run import load_run_config
+
+
+def test_yaml_plus_overrides_are_typed():
+    cfg = load_run_config(
+        "examples/tiny/tiny.yaml", ["train.steps=7", "optim.lr=1", "parallel.tp=2", "model.sliding_window=4"]
+    )
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel is True
+    m = cfg.model_config()
+    assert m.sliding_window == 4 and m.vocab_size == 2048 and m.num_layers == 8
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stpes=3", "TrainConfig has no field 'stpes'"),
+        ("model.hiden_size=3", "StepFlashConfig has no field 'hiden_size'"),
+        ("optim.lr_schedule=exp", "optim.lr_schedule='exp': one of cosine, WSD, linear, constant"),
+        ("train.steps=0", r"train.steps=0: must be >= 1"),
+        ("steps", "expected key=value"),
+        ("model.moe_topk=99", r"model.moe_topk=99: must be in \[1, num_experts=8\]"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config("examples/tiny/tiny.yaml", [override])
+
+
+def test_batch_must_divide_over_data_parallel_ranks():
+    cfg = load_run_config(
+        "examples/tiny/tiny.yaml", ["train.global_batch_size=6", "train.micro_batch_size=4"]
+    )
+    with pytest.raises(
+        ValueError, match=r"global_batch_size\(6\) is not divisible by micro_batch_size\(4\) \* dp\(1\)"
+    ):
+        cfg.validate(1)
