@@ -1,4 +1,8 @@
-"""`make bench` — platform-layer overhead on CPU.
+"""`make bench` — CPU benchmarks, each a ratio measured in one run:
+  1. the tiny Step 3.5 Flash training step vs the same-shaped `transformers` Step3p7TextModel
+     (megatron_step/benchmarks/hf_compare.py), tokens/s and MFU vs this machine's matmul peak;
+  2. platform-layer overhead: our CPU patches vs a global TorchFunctionMode (below);
+  3. the tiny preset's forward+backward time with MTP-3.
 
     python -m megatron_step.bench [--iters 10]
 
@@ -106,7 +110,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
+    from megatron_step.benchmarks.hf_compare import compare, format_table
     from megatron_step.testing import run_distributed
+
+    for threads in (os.cpu_count() or 1, 1):
+        print(format_table(compare(iters=args.iters, threads=threads)), end="\n\n", flush=True)
 
     models = {
         # the parity-test model: small ops, so per-call overhead dominates

@@ -88,6 +88,32 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not detect().cuda, force_reset_rng=True)
 
 
+def _warm_gloo_threads() -> None:
+    """Run each kind of collective the training step uses once, with 1 intra-op thread.
+
+    Why: gloo runs collectives on its own worker threads, and the first parallel ATen op on such a
+    thread (the copies inside reduce-scatter / all-gather of the distributed optimizer) creates an
+    OpenMP team of the global thread count there. With 2 cores that leaves two busy-waiting teams
+    competing for the cores, and every later parallel region pays for it: a tiny-preset step took
+    ~320 ms at 2 threads vs ~240 ms at 1 (measured with megatron_step/benchmarks/hf_compare.py).
+    Letting the worker thread's first parallel op run at 1 thread avoids the second team."""
+    from megatron.core import parallel_state as ps
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        groups = {None, ps.get_data_parallel_group(with_context_parallel=True)}
+        for group in groups:
+            n = dist.get_world_size(group)
+            big = torch.ones(n * (1 << 18))  # large enough for ATen to parallelise its copies
+            out = torch.empty(1 << 18)
+            dist.all_reduce(big, group=group)
+            dist.reduce_scatter_tensor(out, big, group=group)
+            dist.all_gather_into_tensor(big, out, group=group)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
     """Initialise everything a Megatron-Core run needs, in the right order."""
     from megatron.core import parallel_state
@@ -113,6 +139,8 @@ def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> D
         expert_tensor_parallel_size=parallel.etp,
     )
     seed_everything(seed)
+    if not caps.cuda:
+        _warm_gloo_threads()
     device = torch.device("cuda", torch.cuda.current_device()) if caps.cuda else torch.device("cpu")
     return DistEnv(rank, world_size, local_rank, device, caps.backend, parallel, caps, patched)
 

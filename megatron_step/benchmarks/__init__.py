@@ -1,0 +1,1 @@
+"""Benchmarks that compare the stack with a reference implementation (see `hf_compare`)."""
