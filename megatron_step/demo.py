@@ -27,20 +27,9 @@ from megatron_step import platform
 from megatron_step.config import ParallelConfig
 from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
 from megatron_step.testing import run_distributed
+from megatron_step.training.step import lm_forward_step
 
 GLOBAL_BATCH = 4  # sequences per step, micro-batch size 1: 4 microbatches on 1 rank, 2 per rank at DP=2
-
-
-def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, pos, None, labels=labels)  # (B, S) per-token loss
-
-    def loss_func(per_token):
-        loss = per_token.float().mean()
-        return loss, {"lm loss": loss.detach().clone()}  # clone: the schedule scales `loss` in place
-
-    return out, loss_func
 
 
 def train(
@@ -82,7 +71,7 @@ def train(
         model.zero_grad_buffer()
         opt.zero_grad()
         out = get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=lm_forward_step,
             data_iterator=iter(micro),
             model=[model],
             num_microbatches=len(micro),

@@ -65,6 +65,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
+from megatron_step.training.step import lm_forward_step
+
 # Optimizer settings shared by both sides (Megatron-Core's OptimizerConfig defaults, lr explicit).
 LR = 1e-4
 BETAS = (0.9, 0.999)
@@ -211,18 +213,6 @@ def _no_phase(name):
 # ---------------------------------------------------------------------------------------------
 # Ours: Megatron-Core
 # ---------------------------------------------------------------------------------------------
-def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, pos, None, labels=labels)  # (B, S) per-token loss
-
-    def loss_func(per_token):
-        loss = per_token.float().mean()
-        return loss, {"lm loss": loss.detach().clone()}  # clone: the schedule scales `loss` in place
-
-    return out, loss_func
-
-
 def _ours_build(cfg_kwargs, batch, seq, threads, seed, micro_batch=None, first_step_1_thread=False):
     """Returns (step(phase) -> (loss, fwd_bwd_s, grads_s, opt_s), info dict).
 
@@ -283,7 +273,7 @@ def _ours_build(cfg_kwargs, batch, seq, threads, seed, micro_batch=None, first_s
             model.zero_grad_buffer()
             opt.zero_grad()
             out = fwd_bwd(
-                forward_step_func=_forward_step,
+                forward_step_func=lm_forward_step,
                 data_iterator=iter(micro),
                 model=[model],
                 num_microbatches=len(micro),

@@ -96,7 +96,9 @@ def _warm_gloo_threads() -> None:
     OpenMP team of the global thread count there. With 2 cores that leaves two busy-waiting teams
     competing for the cores, and every later parallel region pays for it: a tiny-preset step took
     ~320 ms at 2 threads vs ~240 ms at 1 (measured with megatron_step/benchmarks/hf_compare.py).
-    Letting the worker thread's first parallel op run at 1 thread avoids the second team."""
+    Letting the worker thread's first parallel op run at 1 thread avoids the second team.
+    A/B on `make demo`'s config (40 steps): 1,109 / 1,127 tokens/s with it, 1,003 / 905 without.
+    MEGATRON_STEP_NO_GLOO_WARMUP=1 turns it off (to re-measure)."""
     from megatron.core import parallel_state as ps
 
     threads = torch.get_num_threads()
@@ -139,7 +141,7 @@ def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> D
         expert_tensor_parallel_size=parallel.etp,
     )
     seed_everything(seed)
-    if not caps.cuda:
+    if not caps.cuda and os.environ.get("MEGATRON_STEP_NO_GLOO_WARMUP", "0") != "1":
         _warm_gloo_threads()
     device = torch.device("cuda", torch.cuda.current_device()) if caps.cuda else torch.device("cpu")
     return DistEnv(rank, world_size, local_rank, device, caps.backend, parallel, caps, patched)

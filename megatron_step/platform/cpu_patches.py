@@ -346,9 +346,10 @@ def apply_cpu_patches() -> None:
         )
     if _undo:
         return
-    import megatron.core
+    # __shortversion__: megatron-core appends the git hash of whatever repo it is installed in (a
+    # .venv inside this repo gets *our* hash) to __version__.
+    from megatron.core.package_info import __shortversion__ as version
 
-    version = megatron.core.__version__
     if version != WRITTEN_FOR_MCORE:
         import warnings
 

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
 from megatron_step.config import ParallelConfig
+from megatron_step.training.step import lm_forward_step
 
 GLOBAL_BATCH = 4  # sequences per step; microbatch size 1
 SEED = 1234
@@ -46,19 +47,6 @@ def wrap_ddp(model):
     return ddp
 
 
-def _forward_step(data_iterator, model):
-    tokens, labels = next(data_iterator)
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, pos, None, labels=labels)  # (B, S) per-token loss on the last stage
-
-    def loss_func(per_token):
-        loss = per_token.float().mean()
-        # clone: the schedule divides the returned loss in place by num_microbatches
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return out, loss_func
-
-
 def train_step(model, data: torch.Tensor) -> float | None:
     """One fwd/bwd over this rank's DP slice of the global batch; returns the DP-mean loss (last
     pipeline stage) or None (other stages)."""
@@ -67,7 +55,7 @@ def train_step(model, data: torch.Tensor) -> float | None:
     micro = [(row[None, :-1], row[None, 1:]) for row in local]
     model.zero_grad_buffer()
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=lm_forward_step,
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),

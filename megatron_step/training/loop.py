@@ -31,6 +31,7 @@ from megatron_step.models.param_count import step_flash_flops_per_token
 from megatron_step.models.step_flash import build_step_flash
 from megatron_step.training import checkpoint
 from megatron_step.training.monitor import Monitor, git_hash, is_logging_rank, versions
+from megatron_step.training.step import lm_forward_step
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,6 @@ def microbatches(dataset, step: int, gbs: int, mbs: int, dp: int, dp_rank: int) 
     base = step * gbs + dp_rank * per_rank
     n = len(dataset)
     return [_collate([dataset[(base + m * mbs + j) % n] for j in range(mbs)]) for m in range(per_rank // mbs)]
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    tokens, labels = batch["tokens"], batch["labels"]
-    loss_mask = batch["loss_mask"].float()
-    per_token = model(tokens, batch["position_ids"], None, labels=labels, loss_mask=loss_mask)  # (B, S)
-
-    def loss_func(per_token_loss):
-        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
-        return loss, {"lm loss": loss.detach().clone()}  # clone: the schedule scales `loss` in place
-
-    return per_token, loss_func
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +140,7 @@ def _run_microbatches(chunks, mbatches, seq, mbs, forward_only):
     fwd_bwd = get_forward_backward_func()
     iters = [iter(mbatches) for _ in chunks] if len(chunks) > 1 else iter(mbatches)
     return fwd_bwd(
-        forward_step_func=_forward_step,
+        forward_step_func=lm_forward_step,
         data_iterator=iters,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(mbatches),

@@ -40,12 +40,13 @@ def git_hash() -> str:
 
 
 def versions() -> dict:
-    import megatron.core
+    # __shortversion__: megatron-core's __version__ appends the git hash of the repo it sits in
+    from megatron.core.package_info import __shortversion__ as mcore_version
 
     out = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "megatron-core": megatron.core.__version__,
+        "megatron-core": mcore_version,
         "machine": pyplatform.machine(),
     }
     for name in ("transformer_engine", "transformers"):

@@ -1,0 +1,33 @@
+"""The language-model `forward_step_func` that Megatron-Core's forward-backward schedules call; one
+definition for the trainer, the parity harness, the demo and the benchmarks.
+
+A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
+(B, S), or a (tokens, labels) pair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lm_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    if not isinstance(batch, dict):
+        batch = {"tokens": batch[0], "labels": batch[1]}
+    tokens, labels = batch["tokens"], batch["labels"]
+    pos = batch.get("position_ids")
+    if pos is None:
+        pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    mask = batch.get("loss_mask")
+    mask = mask.float() if mask is not None else None
+    per_token = model(tokens, pos, None, labels=labels, loss_mask=mask)  # (B, S) on the last stage
+
+    def loss_func(per_token_loss):
+        if mask is None:
+            loss = per_token_loss.float().mean()
+        else:
+            loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        # clone: the schedule divides the returned loss in place by the number of microbatches
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return per_token, loss_func
