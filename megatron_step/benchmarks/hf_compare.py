@@ -48,8 +48,9 @@ Where we are slower, `profile_ours` / `profile_hf` (torch.profiler, ops by self 
 time per phase) say where the time goes.
 
 Threads: `compare()` uses all cores (`os.cpu_count()`, as `platform.setup` does for a 1-rank run).
-At 2 threads our step is slower than at 1 thread unless its first step runs at 1 thread
-(`first_step_1_thread=True`, diagnostic): see `_ours_build`. `compare(threads=1)` gives the
+This benchmark found that at 2 threads our step was slower than at 1 thread (an OpenMP team created
+on gloo's worker thread); `platform.setup` now warms those threads at 1 thread, which fixed it.
+`first_step_1_thread=True` (the diagnostic that located it) is kept; `compare(threads=1)` gives the
 comparison without OpenMP effects.
 """
 
