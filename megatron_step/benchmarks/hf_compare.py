@@ -66,6 +66,7 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
+from megatron_step.convert.step_hf import hf_text_config
 from megatron_step.training.step import lm_forward_step
 
 # Optimizer settings shared by both sides (Megatron-Core's OptimizerConfig defaults, lr explicit).
@@ -111,71 +112,6 @@ def _cfg(cfg_kwargs: dict, seq: int):
     kw = {"seq_length": seq, "max_position_embeddings": max(base.max_position_embeddings, seq)}
     kw.update(cfg_kwargs)
     return base.replace(**kw)
-
-
-def hf_text_config(cfg, attn_implementation: str = "eager"):
-    """`Step3p7TextConfig` with the shape and semantics of our `StepFlashConfig` (no MTP).
-
-    Translations: our window W (query + W previous keys) is HF's `sliding_window = W + 1` (HF counts
-    the query); per-layer RoPE theta / rotary fraction go in as per-layer lists, llama3 scaling as
-    `rope_scaling` (HF applies it to full-attention layers only, as we do); dense layers are the
-    first `first_k_dense` (`mlp_layer_types`); the sliding head count is `num_sliding_attention_heads`.
-    """
-    from transformers import Step3p7TextConfig
-
-    missing = [
-        name
-        for name, ok in (
-            ("qk_norm", cfg.qk_norm),
-            ("head_gate", cfg.head_gate),
-            ("zero_centered_gamma", cfg.zero_centered_gamma),
-            ("num_experts", cfg.num_experts > 0),
-            ("shared_expert_ffn_hidden_size", cfg.shared_expert_ffn_hidden_size > 0),
-        )
-        if not ok
-    ]
-    if missing:
-        raise ValueError(f"Step3p7TextModel always has these; cannot switch them off: {missing}")
-    n = cfg.num_layers
-    full = [cfg.is_full_attention(i) for i in range(n)]
-    rope_scaling = None
-    if cfg.rope_scaling_factor:
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": cfg.rope_scaling_factor,
-            "low_freq_factor": cfg.rope_scaling_low_freq_factor,
-            "high_freq_factor": cfg.rope_scaling_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_scaling_original_max_position,
-        }
-    return Step3p7TextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=n,
-        num_attention_heads=cfg.full_attention_heads,
-        num_sliding_attention_heads=cfg.sliding_attention_heads,
-        num_key_value_heads=cfg.num_query_groups,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.dense_ffn_hidden_size,
-        layer_types=cfg.layer_types(),
-        mlp_layer_types=["sparse" if cfg.is_moe(i) else "dense" for i in range(n)],
-        n_routed_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.moe_topk,
-        moe_intermediate_size=cfg.moe_ffn_hidden_size,
-        share_expert_dim=cfg.shared_expert_ffn_hidden_size,
-        moe_router_scaling_factor=cfg.router_scaling_factor,
-        swiglu_limits=list(cfg.swiglu_limits) or None,
-        swiglu_limits_shared=list(cfg.swiglu_limits_shared) or None,
-        sliding_window=cfg.sliding_window + 1,
-        rope_theta=[cfg.rope_theta_full if f else cfg.rope_theta_sliding for f in full],
-        partial_rotary_factors=[cfg.rotary_fraction_full if f else cfg.rotary_fraction_sliding for f in full],
-        rope_scaling=rope_scaling,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_eps,
-        initializer_range=cfg.init_std,
-        tie_word_embeddings=False,
-        use_cache=False,
-        attn_implementation=attn_implementation,
-    )
 
 
 def model_flops_per_step(cfg, report, batch: int, seq: int) -> float:

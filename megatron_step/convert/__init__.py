@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Megatron-Core and Hugging Face formats (work in progress)."""

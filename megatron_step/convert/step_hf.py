@@ -1,0 +1,136 @@
+"""Step 3.5 Flash <-> Hugging Face `transformers` (`Step3p7TextModel`, config type `step3p5`).
+
+Status: the config translation and the Megatron -> transformers-native weight mapping for a
+1-process (TP=1, EP=1, PP=1) model, checked by loading into `Step3p7TextModel` and comparing logits.
+Not yet: the published hub key dialect, the reverse direction, sharded/streamed files, MTP export.
+
+Weight layout facts (transformers 5.23 `modeling_step3p7.py`; Megatron-Core 0.19.2):
+- Megatron `linear_qkv.weight` is grouped by KV head: for each of G groups, [q rows of its
+  r = heads/G query heads (r*D), k (D), v (D)]; HF has separate q/k/v_proj with heads in order.
+- Megatron gated `linear_fc1.weight` is [gate (F); up (F)]; HF dense/shared MLPs have gate_proj and
+  up_proj, HF routed experts a stacked `gate_up_proj` [E, 2F, H] with gate first -- the same order.
+- Router: Megatron `router.weight` [E, H] / `router.expert_bias` [E] -> HF `mlp.gate.weight` /
+  `mlp.gate.e_score_correction_bias`. Head gate `head_gate.weight` [heads, H] -> `g_proj.weight`.
+- Norms are zero-centred on both sides (x_hat * (1 + w)), stored as w: copied as is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def hf_text_config(cfg, attn_implementation: str = "eager"):
+    """`Step3p7TextConfig` with the shape and semantics of our `StepFlashConfig` (no MTP).
+
+    Translations: our window W (query + W previous keys) is HF's `sliding_window = W + 1` (HF counts
+    the query); per-layer RoPE theta / rotary fraction go in as per-layer lists, llama3 scaling as
+    `rope_scaling` (HF applies it to full-attention layers only, as we do); dense layers are the
+    first `first_k_dense` (`mlp_layer_types`); the sliding head count is `num_sliding_attention_heads`.
+    """
+    from transformers import Step3p7TextConfig
+
+    missing = [
+        name
+        for name, ok in (
+            ("qk_norm", cfg.qk_norm),
+            ("head_gate", cfg.head_gate),
+            ("zero_centered_gamma", cfg.zero_centered_gamma),
+            ("num_experts", cfg.num_experts > 0),
+            ("shared_expert_ffn_hidden_size", cfg.shared_expert_ffn_hidden_size > 0),
+        )
+        if not ok
+    ]
+    if missing:
+        raise ValueError(f"Step3p7TextModel always has these; cannot switch them off: {missing}")
+    n = cfg.num_layers
+    full = [cfg.is_full_attention(i) for i in range(n)]
+    rope_scaling = None
+    if cfg.rope_scaling_factor:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_scaling_low_freq_factor,
+            "high_freq_factor": cfg.rope_scaling_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_scaling_original_max_position,
+        }
+    return Step3p7TextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=n,
+        num_attention_heads=cfg.full_attention_heads,
+        num_sliding_attention_heads=cfg.sliding_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.dense_ffn_hidden_size,
+        layer_types=cfg.layer_types(),
+        mlp_layer_types=["sparse" if cfg.is_moe(i) else "dense" for i in range(n)],
+        n_routed_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.moe_topk,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        share_expert_dim=cfg.shared_expert_ffn_hidden_size,
+        moe_router_scaling_factor=cfg.router_scaling_factor,
+        swiglu_limits=list(cfg.swiglu_limits) or None,
+        swiglu_limits_shared=list(cfg.swiglu_limits_shared) or None,
+        sliding_window=cfg.sliding_window + 1,
+        rope_theta=[cfg.rope_theta_full if f else cfg.rope_theta_sliding for f in full],
+        partial_rotary_factors=[cfg.rotary_fraction_full if f else cfg.rotary_fraction_sliding for f in full],
+        rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation=attn_implementation,
+    )
+
+
+def _split_qkv(w: torch.Tensor, heads: int, groups: int, d: int):
+    r = heads // groups
+    w = w.view(groups, (r + 2) * d, -1)
+    q = w[:, : r * d].reshape(heads * d, -1)
+    k = w[:, r * d : (r + 1) * d].reshape(groups * d, -1)
+    v = w[:, (r + 1) * d :].reshape(groups * d, -1)
+    return q, k, v
+
+
+def mcore_to_hf_native(state: dict, cfg) -> dict[str, torch.Tensor]:
+    """Full (TP=1) Megatron state dict of the backbone -> transformers-native keys of
+    `Step3p7TextModel` plus `lm_head.weight`. MTP modules are not part of that model: skipped."""
+    out: dict[str, torch.Tensor] = {}
+    d, g = cfg.head_dim, cfg.num_query_groups
+    out["embed_tokens.weight"] = state["embedding.word_embeddings.weight"]
+    out["norm.weight"] = state["decoder.final_layernorm.weight"]
+    out["lm_head.weight"] = state["output_layer.weight"]
+    for i in range(cfg.num_layers):
+        m, h = f"decoder.layers.{i}.", f"layers.{i}."
+        heads = cfg.full_attention_heads if cfg.is_full_attention(i) else cfg.sliding_attention_heads
+        q, k, v = _split_qkv(state[m + "self_attention.linear_qkv.weight"], heads, g, d)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
+        out[h + "self_attn.v_proj.weight"] = v
+        out[h + "self_attn.o_proj.weight"] = state[m + "self_attention.linear_proj.weight"]
+        out[h + "self_attn.g_proj.weight"] = state[m + "self_attention.head_gate.weight"]
+        out[h + "self_attn.q_norm.weight"] = state[m + "self_attention.q_layernorm.weight"]
+        out[h + "self_attn.k_norm.weight"] = state[m + "self_attention.k_layernorm.weight"]
+        out[h + "input_layernorm.weight"] = state[m + "input_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = state[m + "pre_mlp_layernorm.weight"]
+        if cfg.is_moe(i):
+            out[h + "mlp.gate.weight"] = state[m + "mlp.router.weight"]
+            out[h + "mlp.gate.e_score_correction_bias"] = state[m + "mlp.router.expert_bias"]
+            e = range(cfg.num_experts)
+            out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+                [state[f"{m}mlp.experts.local_experts.{j}.linear_fc1.weight"] for j in e]
+            )
+            out[h + "mlp.experts.down_proj"] = torch.stack(
+                [state[f"{m}mlp.experts.local_experts.{j}.linear_fc2.weight"] for j in e]
+            )
+            gate, up = state[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
+            out[h + "mlp.shared_experts.gate_proj.weight"], out[h + "mlp.shared_experts.up_proj.weight"] = (
+                gate,
+                up,
+            )
+            out[h + "mlp.shared_experts.down_proj.weight"] = state[m + "mlp.shared_experts.linear_fc2.weight"]
+        else:
+            gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+            out[h + "mlp.down_proj.weight"] = state[m + "mlp.linear_fc2.weight"]
+    return out
