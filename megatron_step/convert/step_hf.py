@@ -134,3 +134,111 @@ def mcore_to_hf_native(state: dict, cfg) -> dict[str, torch.Tensor]:
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
             out[h + "mlp.down_proj.weight"] = state[m + "mlp.linear_fc2.weight"]
     return out
+
+
+def step_config_from_hf(hf_cfg, **overrides):
+    """`StepFlashConfig` from a `Step3p7TextConfig` (or its dict). Refuses what the Megatron model
+    cannot express, naming the field: our layer pattern is "full every `period` layers from 0"."""
+    from megatron_step.models.step_flash.config import StepFlashConfig
+
+    c = hf_cfg if isinstance(hf_cfg, dict) else hf_cfg.to_dict()
+    n = c["num_hidden_layers"]
+    types = c["layer_types"]
+    full_idx = [i for i, t in enumerate(types) if t == "full_attention"]
+    period = full_idx[1] - full_idx[0] if len(full_idx) > 1 else n
+    if (
+        not full_idx
+        or full_idx[0] != 0
+        or types != ["full_attention" if i % period == 0 else "sliding_attention" for i in range(n)]
+    ):
+        raise ValueError(f"layer_types={types}: need full attention every k layers starting at layer 0")
+    mlp = c["mlp_layer_types"]
+    first_k = mlp.index("sparse") if "sparse" in mlp else n
+    if any(t != "sparse" for t in mlp[first_k:]):
+        raise ValueError(f"mlp_layer_types={mlp}: need dense layers first, then only sparse layers")
+    rp = c["rope_parameters"]
+    full, sliding = rp.get("full_attention", {}), rp.get("sliding_attention", rp.get("full_attention", {}))
+    scaling = full.get("rope_type") == "llama3"
+    if sliding.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.sliding_attention={sliding}: only default RoPE on sliding layers")
+    kw = dict(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        num_layers=n,
+        head_dim=c["head_dim"],
+        num_query_groups=c["num_key_value_heads"],
+        full_attention_heads=c["num_attention_heads"],
+        sliding_attention_heads=c.get("num_sliding_attention_heads") or c["num_attention_heads"],
+        full_attention_period=period,
+        sliding_window=(c.get("sliding_window") or 2) - 1,
+        max_position_embeddings=c["max_position_embeddings"],
+        rope_theta_full=full.get("rope_theta", 1e4),
+        rope_theta_sliding=sliding.get("rope_theta", 1e4),
+        rotary_fraction_full=full.get("partial_rotary_factor", 1.0),
+        rotary_fraction_sliding=sliding.get("partial_rotary_factor", 1.0),
+        rope_scaling_factor=full["factor"] if scaling else None,
+        rope_scaling_low_freq_factor=full.get("low_freq_factor", 1.0),
+        rope_scaling_high_freq_factor=full.get("high_freq_factor", 4.0),
+        rope_scaling_original_max_position=full.get("original_max_position_embeddings", 8192),
+        norm_eps=c["rms_norm_eps"],
+        first_k_dense=first_k,
+        dense_ffn_hidden_size=c["intermediate_size"],
+        num_experts=c["n_routed_experts"],
+        moe_topk=c["num_experts_per_tok"],
+        moe_ffn_hidden_size=c["moe_intermediate_size"],
+        shared_expert_ffn_hidden_size=c["share_expert_dim"],
+        router_scaling_factor=c["moe_router_scaling_factor"],
+        swiglu_limits=[float(v or 0) for v in (c.get("swiglu_limits") or [])],
+        swiglu_limits_shared=[float(v or 0) for v in (c.get("swiglu_limits_shared") or [])],
+        mtp_num_layers=0,
+        mtp_loss_weights=[],
+        init_std=c.get("initializer_range", 0.02),
+        bf16=False,
+    )
+    kw.update(overrides)
+    return StepFlashConfig(**kw)
+
+
+def hf_native_to_mcore(hf: dict, cfg) -> dict[str, torch.Tensor]:
+    """Inverse of `mcore_to_hf_native`: transformers-native keys (+ `lm_head.weight`) -> the full
+    (TP=1) Megatron state dict of the backbone."""
+    out: dict[str, torch.Tensor] = {}
+    d, g = cfg.head_dim, cfg.num_query_groups
+    out["embedding.word_embeddings.weight"] = hf["embed_tokens.weight"]
+    out["decoder.final_layernorm.weight"] = hf["norm.weight"]
+    out["output_layer.weight"] = hf["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        m, h = f"decoder.layers.{i}.", f"layers.{i}."
+        heads = cfg.full_attention_heads if cfg.is_full_attention(i) else cfg.sliding_attention_heads
+        r = heads // g
+        q = hf[h + "self_attn.q_proj.weight"].view(g, r * d, -1)
+        k = hf[h + "self_attn.k_proj.weight"].view(g, d, -1)
+        v = hf[h + "self_attn.v_proj.weight"].view(g, d, -1)
+        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(g * (r + 2) * d, -1)
+        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
+        out[m + "self_attention.head_gate.weight"] = hf[h + "self_attn.g_proj.weight"]
+        out[m + "self_attention.q_layernorm.weight"] = hf[h + "self_attn.q_norm.weight"]
+        out[m + "self_attention.k_layernorm.weight"] = hf[h + "self_attn.k_norm.weight"]
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        if cfg.is_moe(i):
+            out[m + "mlp.router.weight"] = hf[h + "mlp.gate.weight"]
+            out[m + "mlp.router.expert_bias"] = hf[h + "mlp.gate.e_score_correction_bias"].float()
+            for j in range(cfg.num_experts):
+                out[f"{m}mlp.experts.local_experts.{j}.linear_fc1.weight"] = hf[
+                    h + "mlp.experts.gate_up_proj"
+                ][j]
+                out[f"{m}mlp.experts.local_experts.{j}.linear_fc2.weight"] = hf[h + "mlp.experts.down_proj"][
+                    j
+                ]
+            s = h + "mlp.shared_experts."
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                [hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"]], dim=0
+            )
+            out[m + "mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0
+            )
+            out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    return out

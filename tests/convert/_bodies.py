@@ -42,3 +42,75 @@ def logits_vs_transformers(rank, ws, seq: int):
         "max_abs_diff": (a.float() - b.float()).abs().max().item(),
         "scale": a.abs().max().item(),
     }
+
+
+def transformers_model_into_megatron(rank, ws, seq: int):
+    """A random Step3p7TextModel that transformers creates (settings unlike our presets) -> Megatron."""
+    from transformers import Step3p7TextConfig
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+
+    from megatron_step.convert.step_hf import hf_native_to_mcore, step_config_from_hf
+
+    torch.manual_seed(1)
+    hf_cfg = Step3p7TextConfig(
+        vocab_size=384,
+        hidden_size=96,
+        num_hidden_layers=5,
+        head_dim=16,
+        num_key_value_heads=2,
+        num_attention_heads=4,
+        num_sliding_attention_heads=8,
+        intermediate_size=160,
+        layer_types=["full_attention", "sliding_attention"] * 2 + ["full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"],
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        moe_intermediate_size=48,
+        share_expert_dim=40,
+        moe_router_scaling_factor=2.5,
+        sliding_window=5,
+        rope_theta=[2e5, 5e3, 2e5, 5e3, 2e5],
+        partial_rotary_factors=[0.25, 1, 0.25, 1, 0.25],
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 32,
+        },
+        swiglu_limits=[0, 0, 0, 3, 2],
+        swiglu_limits_shared=[1.5, 0, 0, 0, 5],
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    hf = Step3p7TextModel(hf_cfg).eval()
+    with torch.no_grad():  # transformers initialises norms and expert biases to zero: make them count
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.2)
+        for n, b in hf.named_buffers():
+            if "e_score_correction_bias" in n:
+                b.normal_(0, 0.05)
+    head = torch.randn(hf_cfg.vocab_size, hf_cfg.hidden_size) * 0.05
+    hf_state = {**hf.state_dict(), "lm_head.weight": head}
+
+    cfg = step_config_from_hf(hf_cfg)
+    platform.setup(ParallelConfig(), seed=9)
+    ours = build_step_flash(cfg, ParallelConfig()).eval()
+    result = ours.load_state_dict(hf_native_to_mcore(hf_state, cfg), strict=False)
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, cfg.vocab_size, (2, seq), generator=g)
+    pos = torch.arange(seq).unsqueeze(0).expand(2, seq)
+    with torch.no_grad():
+        a = ours(tok, pos, None)
+        b = hf(input_ids=tok).last_hidden_state @ head.T
+    return {
+        "missing": [k for k in result.missing_keys if "_extra_state" not in k],
+        "unexpected": list(result.unexpected_keys),
+        "max_abs_diff": (a - b).abs().max().item(),
+        "scale": b.abs().max().item(),
+        "window": cfg.sliding_window,
+        "period": cfg.full_attention_period,
+    }
