@@ -114,3 +114,87 @@ def transformers_model_into_megatron(rank, ws, seq: int):
         "window": cfg.sliding_window,
         "period": cfg.full_attention_period,
     }
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layernorm" in n or n.endswith("norm.weight"):
+                p.normal_(0, 0.1)
+        for mod in model.modules():
+            if getattr(mod, "expert_bias", None) is not None:
+                mod.expert_bias.normal_(0, 0.05)
+
+
+def save_layout(rank, ws, parallel_kw: dict, ckpt_dir: str):
+    """Save the tiny model as a dist-checkpoint under the given layout."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    parallel = ParallelConfig(**parallel_kw)
+    platform.setup(parallel, seed=21)
+    model = build_step_flash(tiny(), parallel)
+    _perturb(model)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, ckpt_dir)
+
+
+def _load_tp1(ckpt_dir, cfg):
+    from megatron.core import dist_checkpointing
+
+    model = build_step_flash(cfg, ParallelConfig())
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if "_extra_state" not in k}
+    sd = dist_checkpointing.load({"model": sharded}, ckpt_dir)["model"]
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def round_trip(rank, ws, ckpt_dir: str, hf_dir: str, back_dir: str):
+    """dist-checkpoint (any layout) -> HF (hub, fp32) -> dist-checkpoint (TP=1): compare tensors."""
+    import json
+    import os
+
+    from megatron_step.convert.hf_checkpoint import export_to_hf, import_from_hf
+
+    cfg = tiny()
+    platform.setup(ParallelConfig(), seed=0)
+    export_to_hf(ckpt_dir, hf_dir, cfg, dtype=torch.float32, progress=False)
+    info = import_from_hf(hf_dir, back_dir, cfg, progress=False)
+    a = {k: v for k, v in _load_tp1(ckpt_dir, cfg).state_dict().items() if "_extra_state" not in k}
+    b = {k: v for k, v in _load_tp1(back_dir, cfg).state_dict().items() if "_extra_state" not in k}
+    with open(os.path.join(hf_dir, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    return {
+        "keys_equal": a.keys() == b.keys(),
+        "n": len(a),
+        "not_identical": [k for k in a if not torch.equal(a[k], b[k])],
+        "hf_keys": sorted(index["weight_map"]),
+        "dialect": info["dialect"],
+        "config": config,
+    }
+
+
+def native_export_loads_in_transformers(rank, ws, ckpt_dir: str, hf_dir: str, seq: int):
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+
+    from megatron_step.convert.hf_checkpoint import HFReader, export_to_hf
+
+    cfg = tiny()
+    platform.setup(ParallelConfig(), seed=0)
+    export_to_hf(ckpt_dir, hf_dir, cfg, dtype=torch.float32, progress=False, dialect="native")
+    hf, info = Step3p7TextModel.from_pretrained(hf_dir, output_loading_info=True, attn_implementation="eager")
+    head = HFReader(hf_dir).get("lm_head.weight")
+    ours = _load_tp1(ckpt_dir, cfg).eval()
+    tok = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(seq).unsqueeze(0).expand(2, seq)
+    with torch.no_grad():
+        a = ours(tok, pos, None)
+        b = hf.eval()(input_ids=tok).last_hidden_state @ head.T
+    return {
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "max_abs_diff": (a - b).abs().max().item(),
+    }

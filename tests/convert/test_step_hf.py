@@ -21,3 +21,35 @@ def test_random_transformers_model_imports_into_megatron_with_matching_logits():
     assert r["missing"] == [] and r["unexpected"] == []
     assert (r["window"], r["period"]) == (4, 2)  # HF window 5 counts the query itself
     assert r["max_abs_diff"] <= 1e-4, r
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tp2") / "ckpt")
+    run_distributed(_bodies.save_layout, 2, {"tp": 2}, d)
+    return d
+
+
+@pytest.mark.distributed
+def test_round_trip_from_tp2_through_hf_is_bit_identical(tp2_checkpoint, tmp_path):
+    r = run_distributed(_bodies.round_trip, 1, tp2_checkpoint, str(tmp_path / "hf"), str(tmp_path / "back"))[
+        0
+    ]
+    assert r["keys_equal"] and r["n"] > 100 and r["not_identical"] == []
+    keys = r["hf_keys"]
+    assert "model.layers.2.moe.router_bias" in keys and "model.layers.2.moe.gate_proj.weight" in keys
+    assert "model.layers.8.transformer.shared_head.output.weight" in keys  # MTP 1 of 3, own head copy
+    assert "model.layers.10.eh_proj.weight" in keys and "lm_head.weight" in keys
+    c = r["config"]
+    assert c["model_type"] == "step3p5" and c["num_nextn_predict_layers"] == 3
+    assert c["sliding_window"] == 9 and len(c["layer_types"]) == 11  # 8 layers + 3 MTP
+
+
+@pytest.mark.distributed
+def test_native_export_loads_with_from_pretrained(tp2_checkpoint, tmp_path):
+    r = run_distributed(
+        _bodies.native_export_loads_in_transformers, 1, tp2_checkpoint, str(tmp_path / "hf"), 40
+    )[0]
+    # Step3p7TextModel is the backbone: the LM head in the same directory is its only unused key
+    assert r["missing"] == [] and r["unexpected"] == ["lm_head.weight"]
+    assert r["max_abs_diff"] <= 1e-4, r
