@@ -44,12 +44,10 @@ def logits_vs_transformers(rank, ws, seq: int):
     }
 
 
-def transformers_model_into_megatron(rank, ws, seq: int):
-    """A random Step3p7TextModel that transformers creates (settings unlike our presets) -> Megatron."""
+def _random_transformers_model():
+    """A Step3p7TextModel that transformers creates, with settings unlike our presets."""
     from transformers import Step3p7TextConfig
     from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
-
-    from megatron_step.convert.step_hf import hf_native_to_mcore, step_config_from_hf
 
     torch.manual_seed(1)
     hf_cfg = Step3p7TextConfig(
@@ -93,6 +91,14 @@ def transformers_model_into_megatron(rank, ws, seq: int):
         for n, b in hf.named_buffers():
             if "e_score_correction_bias" in n:
                 b.normal_(0, 0.05)
+    return hf, hf_cfg
+
+
+def transformers_model_into_megatron(rank, ws, seq: int):
+    """A random Step3p7TextModel that transformers creates (settings unlike our presets) -> Megatron."""
+    from megatron_step.convert.step_hf import hf_native_to_mcore, step_config_from_hf
+
+    hf, hf_cfg = _random_transformers_model()
     head = torch.randn(hf_cfg.vocab_size, hf_cfg.hidden_size) * 0.05
     hf_state = {**hf.state_dict(), "lm_head.weight": head}
 
@@ -198,3 +204,41 @@ def native_export_loads_in_transformers(rank, ws, ckpt_dir: str, hf_dir: str, se
         "unexpected": sorted(info["unexpected_keys"]),
         "max_abs_diff": (a - b).abs().max().item(),
     }
+
+
+def save_pretrained_imports(rank, ws, hf_dir: str, ckpt_dir: str, seq: int):
+    """transformers creates a random model and writes it with save_pretrained (native dialect, the
+    LM head in a separate file); import_from_hf turns the directory into a Megatron checkpoint."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from megatron_step.convert.hf_checkpoint import import_from_hf
+
+    hf_model, hf_cfg = _random_transformers_model()
+    hf_model.save_pretrained(hf_dir)
+    head = torch.randn(hf_cfg.vocab_size, hf_cfg.hidden_size) * 0.05
+    save_file({"lm_head.weight": head}, os.path.join(hf_dir, "lm_head.safetensors"))
+    platform.setup(ParallelConfig(), seed=0)
+    info = import_from_hf(hf_dir, ckpt_dir, progress=False)
+    cfg = info["config"]
+    ours = _load_tp1(ckpt_dir, cfg).eval()
+    tok = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(seq).unsqueeze(0).expand(2, seq)
+    with torch.no_grad():
+        a = ours(tok, pos, None)
+        b = hf_model(input_ids=tok).last_hidden_state @ head.T
+    return {"dialect": info["dialect"], "max_abs_diff": (a - b).abs().max().item()}
+
+
+def mismatched_config(rank, ws, hf_dir: str, ckpt_dir: str):
+    from megatron_step.convert.hf_checkpoint import import_from_hf
+
+    hf_model, _ = _random_transformers_model()
+    hf_model.save_pretrained(hf_dir)
+    platform.setup(ParallelConfig(), seed=0)
+    try:
+        import_from_hf(hf_dir, ckpt_dir, tiny(), progress=False)
+    except ValueError as e:
+        return str(e)
+    return "accepted"

@@ -53,3 +53,16 @@ def test_native_export_loads_with_from_pretrained(tp2_checkpoint, tmp_path):
     # Step3p7TextModel is the backbone: the LM head in the same directory is its only unused key
     assert r["missing"] == [] and r["unexpected"] == ["lm_head.weight"]
     assert r["max_abs_diff"] <= 1e-4, r
+
+
+def test_save_pretrained_directory_imports_with_matching_logits(tmp_path):
+    r = run_distributed(_bodies.save_pretrained_imports, 1, str(tmp_path / "hf"), str(tmp_path / "ckpt"), 24)[
+        0
+    ]
+    assert r["dialect"] == "native"
+    assert r["max_abs_diff"] <= 1e-4, r
+
+
+def test_mismatched_config_is_refused_naming_the_field(tmp_path):
+    msg = run_distributed(_bodies.mismatched_config, 1, str(tmp_path / "hf"), str(tmp_path / "ckpt"))[0]
+    assert msg.startswith("model.vocab_size=512 but") and "config.json has 384" in msg, msg
