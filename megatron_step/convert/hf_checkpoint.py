@@ -291,6 +291,25 @@ def hub_group_to_native(group: dict[str, torch.Tensor], num_layers: int) -> dict
     return out
 
 
+def hub_names(stored_keys) -> dict[str, tuple[str, str | None]]:
+    """hub name -> (stored key, part) for the keys of either dialect; part "gate"/"up" selects a half
+    of a native stacked `gate_up_proj` [E, 2F, H]."""
+    out = {}
+    for key in stored_keys:
+        if key.endswith("mlp.experts.gate_up_proj"):
+            base = "model." + key[: -len("mlp.experts.gate_up_proj")] + "moe."
+            out[base + "gate_proj.weight"] = (key, "gate")
+            out[base + "up_proj.weight"] = (key, "up")
+            continue
+        hub = key
+        for pat, rep in _NATIVE_TO_HUB:
+            if pat.search(hub):
+                hub = pat.sub(rep, hub)
+                break
+        out[hub] = (key, None)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # HF directory reading
 # ---------------------------------------------------------------------------------------------
@@ -306,18 +325,8 @@ class HFReader:
         self._handles = [safe_open(os.path.join(path, f), "pt") for f in files]
         self._where: dict[str, tuple[int, str, str | None]] = {}  # hub key -> (file, stored key, part)
         for idx, h in enumerate(self._handles):
-            for key in h.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                if key.endswith("mlp.experts.gate_up_proj"):  # native stacked [E, 2F, H]
-                    base = "model." + key[: -len("mlp.experts.gate_up_proj")] + "moe."
-                    self._where[base + "gate_proj.weight"] = (idx, key, "gate")
-                    self._where[base + "up_proj.weight"] = (idx, key, "up")
-                    continue
-                hub = key
-                for pat, rep in _NATIVE_TO_HUB:
-                    if pat.search(hub):
-                        hub = pat.sub(rep, hub)
-                        break
-                self._where[hub] = (idx, key, None)
+            for hub, (key, part) in hub_names(h.keys()).items():
+                self._where[hub] = (idx, key, part)
         self.dialect = "native" if "embed_tokens.weight" in {k for _, k, _ in self._where.values()} else "hub"
 
     def keys(self):

@@ -94,45 +94,15 @@ def _split_qkv(w: torch.Tensor, heads: int, groups: int, d: int):
 
 
 def mcore_to_hf_native(state: dict, cfg) -> dict[str, torch.Tensor]:
-    """Full (TP=1) Megatron state dict of the backbone -> transformers-native keys of
-    `Step3p7TextModel` plus `lm_head.weight`. MTP modules are not part of that model: skipped."""
+    """Full (TP=1) Megatron state dict -> transformers-native keys of `Step3p7TextModel` plus
+    `lm_head.weight`, in memory (e.g. for the RL stage). Same per-layer mapping as the file
+    exporter (hf_checkpoint.py); MTP modules are not part of that model and are dropped."""
+    from megatron_step.convert.hf_checkpoint import _groups, hub_group_to_native, mcore_group_to_hub
+
     out: dict[str, torch.Tensor] = {}
-    d, g = cfg.head_dim, cfg.num_query_groups
-    out["embed_tokens.weight"] = state["embedding.word_embeddings.weight"]
-    out["norm.weight"] = state["decoder.final_layernorm.weight"]
-    out["lm_head.weight"] = state["output_layer.weight"]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"layers.{i}."
-        heads = cfg.full_attention_heads if cfg.is_full_attention(i) else cfg.sliding_attention_heads
-        q, k, v = _split_qkv(state[m + "self_attention.linear_qkv.weight"], heads, g, d)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
-        out[h + "self_attn.v_proj.weight"] = v
-        out[h + "self_attn.o_proj.weight"] = state[m + "self_attention.linear_proj.weight"]
-        out[h + "self_attn.g_proj.weight"] = state[m + "self_attention.head_gate.weight"]
-        out[h + "self_attn.q_norm.weight"] = state[m + "self_attention.q_layernorm.weight"]
-        out[h + "self_attn.k_norm.weight"] = state[m + "self_attention.k_layernorm.weight"]
-        out[h + "input_layernorm.weight"] = state[m + "input_layernorm.weight"]
-        out[h + "post_attention_layernorm.weight"] = state[m + "pre_mlp_layernorm.weight"]
-        if cfg.is_moe(i):
-            out[h + "mlp.gate.weight"] = state[m + "mlp.router.weight"]
-            out[h + "mlp.gate.e_score_correction_bias"] = state[m + "mlp.router.expert_bias"]
-            e = range(cfg.num_experts)
-            out[h + "mlp.experts.gate_up_proj"] = torch.stack(
-                [state[f"{m}mlp.experts.local_experts.{j}.linear_fc1.weight"] for j in e]
-            )
-            out[h + "mlp.experts.down_proj"] = torch.stack(
-                [state[f"{m}mlp.experts.local_experts.{j}.linear_fc2.weight"] for j in e]
-            )
-            gate, up = state[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
-            out[h + "mlp.shared_experts.gate_proj.weight"], out[h + "mlp.shared_experts.up_proj.weight"] = (
-                gate,
-                up,
-            )
-            out[h + "mlp.shared_experts.down_proj.weight"] = state[m + "mlp.shared_experts.linear_fc2.weight"]
-        else:
-            gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-            out[h + "mlp.down_proj.weight"] = state[m + "mlp.linear_fc2.weight"]
+    head = state["output_layer.weight"]
+    for prefix, _ in _groups(cfg):
+        out.update(hub_group_to_native(dict(mcore_group_to_hub(prefix, state, cfg, head)), cfg.num_layers))
     return out
 
 
@@ -201,44 +171,17 @@ def step_config_from_hf(hf_cfg, **overrides):
 
 def hf_native_to_mcore(hf: dict, cfg) -> dict[str, torch.Tensor]:
     """Inverse of `mcore_to_hf_native`: transformers-native keys (+ `lm_head.weight`) -> the full
-    (TP=1) Megatron state dict of the backbone."""
-    out: dict[str, torch.Tensor] = {}
-    d, g = cfg.head_dim, cfg.num_query_groups
-    out["embedding.word_embeddings.weight"] = hf["embed_tokens.weight"]
-    out["decoder.final_layernorm.weight"] = hf["norm.weight"]
-    out["output_layer.weight"] = hf["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"layers.{i}."
-        heads = cfg.full_attention_heads if cfg.is_full_attention(i) else cfg.sliding_attention_heads
-        r = heads // g
-        q = hf[h + "self_attn.q_proj.weight"].view(g, r * d, -1)
-        k = hf[h + "self_attn.k_proj.weight"].view(g, d, -1)
-        v = hf[h + "self_attn.v_proj.weight"].view(g, d, -1)
-        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(g * (r + 2) * d, -1)
-        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
-        out[m + "self_attention.head_gate.weight"] = hf[h + "self_attn.g_proj.weight"]
-        out[m + "self_attention.q_layernorm.weight"] = hf[h + "self_attn.q_norm.weight"]
-        out[m + "self_attention.k_layernorm.weight"] = hf[h + "self_attn.k_norm.weight"]
-        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
-        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
-        if cfg.is_moe(i):
-            out[m + "mlp.router.weight"] = hf[h + "mlp.gate.weight"]
-            out[m + "mlp.router.expert_bias"] = hf[h + "mlp.gate.e_score_correction_bias"].float()
-            for j in range(cfg.num_experts):
-                out[f"{m}mlp.experts.local_experts.{j}.linear_fc1.weight"] = hf[
-                    h + "mlp.experts.gate_up_proj"
-                ][j]
-                out[f"{m}mlp.experts.local_experts.{j}.linear_fc2.weight"] = hf[h + "mlp.experts.down_proj"][
-                    j
-                ]
-            s = h + "mlp.shared_experts."
-            out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
-                [hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"]], dim=0
-            )
-            out[m + "mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
-        else:
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
-                [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0
-            )
-            out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
-    return out
+    (TP=1) Megatron state dict of the backbone (no MTP), in memory."""
+    from megatron_step.convert.hf_checkpoint import hub_names, hub_to_mcore
+
+    names = hub_names(hf.keys())
+
+    def get(*keys):
+        for key in keys:
+            if key in names:
+                stored, part = names[key]
+                t = hf[stored]
+                return t if part is None else t.chunk(2, dim=1)[0 if part == "gate" else 1].contiguous()
+        raise KeyError(keys[0])
+
+    return dict(hub_to_mcore(get, cfg.replace(mtp_num_layers=0, mtp_loss_weights=[])))
