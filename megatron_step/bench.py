@@ -41,21 +41,17 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 def _bench(rank, world_size, iters: int, cfg_kw: dict):
     logging.getLogger("megatron").setLevel(logging.ERROR)
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_step import platform
     from megatron_step.config import ParallelConfig
     from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
+    from megatron_step.training.step import wrap_ddp
 
     cfg = LocalGPTConfig(**cfg_kw)
     platform.setup(ParallelConfig(), seed=0)
-    model = DistributedDataParallel(
-        config=(m := build_local_gpt(cfg, ParallelConfig())).config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        module=m,
-    )
+    model = wrap_ddp(m := build_local_gpt(cfg, ParallelConfig()))
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, use_distributed_optimizer=True), [model]
     )

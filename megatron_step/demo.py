@@ -18,7 +18,6 @@ import time
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -27,7 +26,7 @@ from megatron_step import platform
 from megatron_step.config import ParallelConfig
 from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
 from megatron_step.testing import run_distributed
-from megatron_step.training.step import lm_forward_step
+from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 GLOBAL_BATCH = 4  # sequences per step, micro-batch size 1: 4 microbatches on 1 rank, 2 per rank at DP=2
 
@@ -41,12 +40,7 @@ def train(
     cfg = LocalGPTConfig()
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=seed)
-    model = build_local_gpt(cfg, parallel)
-    model = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        module=model,
-    )
+    model = wrap_ddp(build_local_gpt(cfg, parallel))
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",

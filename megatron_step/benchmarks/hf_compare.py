@@ -67,7 +67,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_step.convert.step_hf import hf_text_config
-from megatron_step.training.step import lm_forward_step
+from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 # Optimizer settings shared by both sides (Megatron-Core's OptimizerConfig defaults, lr explicit).
 LR = 1e-4
@@ -161,7 +161,6 @@ def _ours_build(cfg_kwargs, batch, seq, threads, seed, micro_batch=None, first_s
     between parallel regions and every region pays a wake-up; taken at 1 thread, the gloo thread
     stays serial. Measured: ~330 -> ~200 ms per step at 2 threads; no effect at 1 thread."""
     _quiet()
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -177,11 +176,7 @@ def _ours_build(cfg_kwargs, batch, seq, threads, seed, micro_batch=None, first_s
     cfg = _cfg(cfg_kwargs, seq)
     module = build_step_flash(cfg, parallel)
     report = count_parameters(module, cfg.moe_topk, cfg.num_experts)
-    model = DistributedDataParallel(
-        config=module.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        module=module,
-    )
+    model = wrap_ddp(module)
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",

@@ -20,13 +20,12 @@ import os
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
 from megatron_step.config import ParallelConfig
-from megatron_step.training.step import lm_forward_step
+from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 GLOBAL_BATCH = 4  # sequences per step; microbatch size 1
 SEED = 1234
@@ -36,15 +35,6 @@ def global_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
     """(GLOBAL_BATCH, seq_length + 1) token ids: inputs are [:, :-1], labels [:, 1:]."""
     g = torch.Generator().manual_seed(SEED)
     return torch.randint(0, vocab_size, (GLOBAL_BATCH, seq_length + 1), generator=g)
-
-
-def wrap_ddp(model):
-    ddp = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        module=model,
-    )
-    return ddp
 
 
 def train_step(model, data: torch.Tensor) -> float | None:
@@ -82,7 +72,7 @@ def run_layout(rank, world_size, build, parallel_kw, data, weights_dir, grads_di
     the reduced gradients go to grads_dir as a sharded checkpoint. Returns the DP-mean loss."""
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=SEED)
-    model = wrap_ddp(build(parallel))
+    model = wrap_ddp(build(parallel), distributed_optimizer=False)
     os.makedirs(weights_dir, exist_ok=True)
     os.makedirs(grads_dir, exist_ok=True)
     if save_weights:

@@ -18,7 +18,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -31,7 +30,7 @@ from megatron_step.models.param_count import step_flash_flops_per_token
 from megatron_step.models.step_flash import build_step_flash
 from megatron_step.training import checkpoint
 from megatron_step.training.monitor import Monitor, git_hash, is_logging_rank, versions
-from megatron_step.training.step import lm_forward_step
+from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +60,7 @@ def build_model_and_optimizer(cfg: RunConfig):
     chunks = []
     for vp_stage in stages:
         model = build_step_flash(mcfg, cfg.parallel, vp_stage=vp_stage)
-        ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-            ),
-            module=model,
-        )
-        chunks.append(ddp)
+        chunks.append(wrap_ddp(model, cfg.optim.use_distributed_optimizer))
     o = cfg.optim
     optimizer = get_megatron_optimizer(
         OptimizerConfig(

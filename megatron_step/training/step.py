@@ -1,5 +1,5 @@
-"""The language-model `forward_step_func` that Megatron-Core's forward-backward schedules call; one
-definition for the trainer, the parity harness, the demo and the benchmarks.
+"""What every training path here shares (the trainer, the parity harness, the demo, the benchmarks):
+the language-model `forward_step_func` that Megatron-Core's schedules call, and the DDP wrapping.
 
 A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
 (B, S), or a (tokens, labels) pair.
@@ -31,3 +31,18 @@ def lm_forward_step(data_iterator, model):
         return loss, {"lm loss": loss.detach().clone()}
 
     return per_token, loss_func
+
+
+def wrap_ddp(model, distributed_optimizer: bool = True):
+    """Megatron-Core DDP around one model chunk, as every training path here uses it: gradients
+    reduced in fp32 into a contiguous buffer; `distributed_optimizer` shards them (reduce-scatter)
+    for the distributed optimizer (ZeRO-1) instead of all-reducing them."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    return DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
+        ),
+        module=model,
+    )
