@@ -130,4 +130,91 @@ def make_reference(build, data, root) -> dict:
     return {"loss": loss, "weights": weights, "grads": grads}
 
 
-__all__ = ["compare_layout", "global_batch", "load_full", "make_reference", "run_layout"]
+# ---------------------------------------------------------------------------------------------
+# optimizer steps: K steps under a layout, compared on the resulting weights
+# ---------------------------------------------------------------------------------------------
+def run_steps(
+    rank, world_size, build, parallel_kw, optim_kw, data, weights_dir, out_dir, steps, save_weights
+):
+    """`steps` optimizer steps (megatron_step.optim.factory, `optim_kw` -> OptimConfig) under
+    `parallel_kw` from the weights in weights_dir (saved there first with save_weights); the final
+    weights go to out_dir as a sharded checkpoint. Returns the DP-mean loss of every step."""
+    from megatron_step.config.run import OptimConfig
+    from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
+
+    parallel = ParallelConfig(**parallel_kw)
+    platform.setup(parallel, seed=SEED)
+    o = OptimConfig(**optim_kw)
+    module = build(parallel)
+    tag_routers(module, o.routers_to_adam)
+    model = wrap_ddp(module, o.use_distributed_optimizer, layer_wise_params=matrix_predicate(o))
+    if save_weights:
+        os.makedirs(weights_dir, exist_ok=True)
+        dist_checkpointing.save(model.module.sharded_state_dict(), weights_dir)
+    else:
+        model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), weights_dir))
+    optimizer = build_optimizer(o, [model], bf16=False)
+    losses = []
+    for _ in range(steps):
+        # FP32Optimizer points param.grad at the DDP main_grad; unless it is cleared, autograd would
+        # accumulate into it and DDP add it again (the trainer does the same, loop.py)
+        optimizer.zero_grad()
+        losses.append(train_step(model, data))
+        ok, _, _ = optimizer.step()
+        assert ok
+    os.makedirs(out_dir, exist_ok=True)
+    dist_checkpointing.save(model.module.sharded_state_dict(), out_dir)
+    return losses
+
+
+def make_step_reference(build, optim_kw, data, root, steps: int) -> dict:
+    """1-rank reference for `compare_steps`: initial weights and the weights after `steps`."""
+    from megatron_step.testing.distributed import run_distributed
+
+    weights, final = os.path.join(root, "weights"), os.path.join(root, "final")
+    (losses,) = run_distributed(run_steps, 1, build, {}, optim_kw, data, weights, final, steps, True)
+    return {"losses": losses, "weights": weights, "final": final, "steps": steps, "optim": optim_kw}
+
+
+def compare_steps(build, parallel_kw, data, reference: dict, out_dir: str, world_size: int = 2, rtol=1e-5):
+    """Run the reference's optimizer for its number of steps under `parallel_kw`; assert every loss
+    and every final weight match the 1-rank reference within `rtol` (relative, Frobenius norm per
+    tensor). Weights that moved are compared, and there must be some. Returns the errors."""
+    from megatron_step.testing.distributed import run_distributed
+
+    runs = run_distributed(
+        run_steps,
+        world_size,
+        build,
+        parallel_kw,
+        reference["optim"],
+        data,
+        reference["weights"],
+        out_dir,
+        reference["steps"],
+        False,
+    )
+    losses = next(r for r in runs if r[0] is not None)
+    for got, want in zip(losses, reference["losses"]):
+        assert abs(got - want) <= rtol * abs(want), (losses, reference["losses"])
+    init, ref, got = run_distributed(
+        load_full, 1, build, [reference["weights"], reference["final"], out_dir]
+    )[0]
+    moved = [k for k in ref if not torch.equal(ref[k], init[k])]
+    assert moved, "no weight moved in the reference run (the comparison would prove nothing)"
+    errors = {k: ((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-12)).item() for k in ref}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, f"{worst}: relative weight error {errors[worst]:.3e}"
+    return {"losses": losses, "max_rel_weight_err": errors[worst], "worst": worst, "moved": len(moved)}
+
+
+__all__ = [
+    "compare_layout",
+    "compare_steps",
+    "global_batch",
+    "load_full",
+    "make_reference",
+    "make_step_reference",
+    "run_layout",
+    "run_steps",
+]

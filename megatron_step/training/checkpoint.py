@@ -24,6 +24,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_step.optim.factory import leaf_optimizers
+
 # Test hook: seconds to pause after the shards are written and before the checkpoint is committed,
 # so a test can kill -9 a run in the middle of a save.
 _PAUSE_ENV = "MEGATRON_STEP_SAVE_PAUSE_S"
@@ -138,7 +140,7 @@ def _restore_adam_steps(optimizer) -> None:
     state with one *shared* tensor (or the dummy-init value). torch's Adam increments each
     parameter's step in place, so a shared tensor advances once per parameter per step and bias
     correction goes wrong after a resume. Written for megatron-core 0.19.2 (torch AdamW path)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in leaf_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
             continue
@@ -166,7 +168,9 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
     # torch's Adam creates its state lazily, and DistributedOptimizer.state_dict() (used to build
     # the sharded state dict) asserts on an empty one. Megatron-Core's own remedy is a dummy step with
     # zero grads; it runs before the model weights are loaded, so their values do not matter.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    # (MACRO/Muon under the layer-wise optimizer: their init_state_fn does this inside
+    # sharded_state_dict(is_loading=True); the AdamW part is a DistributedOptimizer as above.)
+    for opt in leaf_optimizers(optimizer):
         if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
     state = _model_sharded_state_dict(chunks)

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
@@ -27,7 +26,8 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron_step import platform
 from megatron_step.config.run import RunConfig
 from megatron_step.models.param_count import step_flash_flops_per_token
-from megatron_step.models.step_flash import build_step_flash
+from megatron_step.models.step_flash import build_step_flash, freeze_norm_gains
+from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
 from megatron_step.training import checkpoint
 from megatron_step.training.monitor import Monitor, git_hash, is_logging_rank, versions
 from megatron_step.training.step import lm_forward_step, wrap_ddp
@@ -55,29 +55,17 @@ def microbatches(dataset, step: int, gbs: int, mbs: int, dp: int, dp_rank: int) 
 # ---------------------------------------------------------------------------------------------
 def build_model_and_optimizer(cfg: RunConfig):
     mcfg = cfg.model_config()
+    o = cfg.optim
     vpp = cfg.parallel.vpp
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
         model = build_step_flash(mcfg, cfg.parallel, vp_stage=vp_stage)
-        chunks.append(wrap_ddp(model, cfg.optim.use_distributed_optimizer))
-    o = cfg.optim
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer=o.optimizer,
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
-            use_distributed_optimizer=o.use_distributed_optimizer,
-            bf16=mcfg.bf16,
-            params_dtype=torch.bfloat16 if mcfg.bf16 else torch.float32,
-        ),
-        chunks,
-    )
+        tag_routers(model, o.routers_to_adam)
+        if o.freeze_norm_gains:
+            freeze_norm_gains(model)
+        chunks.append(wrap_ddp(model, o.use_distributed_optimizer, layer_wise_params=matrix_predicate(o)))
+    optimizer = build_optimizer(o, chunks, bf16=mcfg.bf16)
     steps = cfg.train.steps
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -33,16 +33,35 @@ def lm_forward_step(data_iterator, model):
     return per_token, loss_func
 
 
-def wrap_ddp(model, distributed_optimizer: bool = True):
+def wrap_ddp(model, distributed_optimizer: bool = True, layer_wise_params=None):
     """Megatron-Core DDP around one model chunk, as every training path here uses it: gradients
     reduced in fp32 into a contiguous buffer; `distributed_optimizer` shards them (reduce-scatter)
-    for the distributed optimizer (ZeRO-1) instead of all-reducing them."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    for the distributed optimizer (ZeRO-1) instead of all-reducing them.
 
+    `layer_wise_params` (a parameter predicate, see megatron_step.optim.factory.matrix_predicate):
+    the matrices it selects get Megatron-Core's layer-wise buffer layout (whole matrices per DP
+    rank, for LayerWiseDistributedOptimizer); the rest keep the ZeRO-1 layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
+    )
+    layout = None
+    if layer_wise_params is not None:
+        if not distributed_optimizer:
+            raise ValueError("wrap_ddp: layer_wise_params needs distributed_optimizer=True")
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # read by Megatron-Core's buffer grouping
+            p.is_managed_by_layer_wise_optimizer = bool(layer_wise_params(p))
+        layout = LayerWiseDistributedOptimizer.compute_full_param_layout(
+            params,
+            None,  # one bucket: overlap_grad_reduce is off (DDP sets bucket_size None then too)
+            ps.get_data_parallel_world_size(with_context_parallel=True),
+            ddp_config,
+            ps.get_expert_data_parallel_world_size(),
+        )
     return DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
-        ),
-        module=model,
+        config=model.config, ddp_config=ddp_config, module=model, full_param_layout=layout
     )

@@ -76,6 +76,19 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
         assert torch.equal(p, second["params"][name]), name
 
 
+def test_macro_layer_wise_resume_on_two_ranks(data_dir, tmp_path):
+    """MACRO under the layer-wise distributed optimizer (+ ZeRO-1 AdamW for the rest), DP=2: its
+    momentum goes through dist-checkpointing; the radius is re-read from W (fp32 rounding)."""
+    opt = ("train.steps=4", "optim.optimizer=macro", "optim.lr=0.01")
+    pick = lambda runs: next(r for r in runs if r["losses"])  # noqa: E731
+    full = pick(run_distributed(_bodies.train, 2, data_dir, str(tmp_path / "a"), opt))
+    b = str(tmp_path / "b")
+    first = pick(run_distributed(_bodies.train, 2, data_dir, b, (*opt, "train.exit_after=2")))
+    second = pick(run_distributed(_bodies.train, 2, data_dir, b, (*opt, "train.resume=true")))
+    assert second["start"] == 2
+    assert first["losses"] + second["losses"] == pytest.approx(full["losses"], rel=1e-6)
+
+
 def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
     from megatron_step.training.checkpoint import latest_step
 

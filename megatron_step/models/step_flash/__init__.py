@@ -8,10 +8,11 @@ from megatron_step.models.step_flash.config import (
     step35_flash,
     tiny,
 )
-from megatron_step.models.step_flash.model import build_step_flash, transformer_config
+from megatron_step.models.step_flash.model import build_step_flash, freeze_norm_gains, transformer_config
 from megatron_step.models.step_flash.spec import get_step_flash_layer_spec
 
 __all__ = [
+    "freeze_norm_gains",
     "PRESETS",
     "StepFlashConfig",
     "build_step_flash",

@@ -148,3 +148,18 @@ def build_step_flash(
     if getattr(model, "mtp_process", False):
         weight_mtp_depths(model.mtp, cfg.mtp_loss_weights, base_scale=1.0 / cfg.mtp_num_layers)
     return model
+
+
+def freeze_norm_gains(model) -> list[str]:
+    """Keep every RMSNorm gain at its initial value (requires_grad False): the "norms become
+    optional under MACRO" experiment (optim.freeze_norm_gains). Zero-centred gains stay at 0, i.e.
+    a plain RMS normalisation. Returns the frozen parameter names. Covers our RMSNorm, TE norms and
+    TE's fused layernorm-linear (`layer_norm_weight`)."""
+    frozen = []
+    norm_modules = {id(m) for m in model.modules() if "Norm" in type(m).__name__}
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(module) in norm_modules or name.startswith("layer_norm_"):
+                p.requires_grad_(False)
+                frozen.append(f"{mod_name}.{name}")
+    return frozen
