@@ -2,7 +2,9 @@
   1. the tiny Step 3.5 Flash training step vs the same-shaped `transformers` Step3p7TextModel
      (megatron_step/benchmarks/hf_compare.py), tokens/s and MFU vs this machine's matmul peak;
   2. platform-layer overhead: our CPU patches vs a global TorchFunctionMode (below);
-  3. the tiny preset's forward+backward time with MTP-3.
+  3. the tiny preset's forward+backward time with MTP-3;
+  4. optimizer.step() time of Muon and MACRO (each manifold) relative to AdamW on the tiny preset
+     (the loss comparison with an LR sweep is megatron_step/benchmarks/optim_compare.py).
 
     python -m megatron_step.bench [--iters 10]
 
@@ -101,6 +103,56 @@ def _step_tiny_fwd_bwd(rank, world_size, iters: int, batch: int, seq: int):
     return statistics.median(times), sum(p.numel() for p in model.parameters())
 
 
+def _optimizer_step_time(rank, world_size, iters: int, optim_kw: dict):
+    """Median `optimizer.step()` time (ms) of the tiny preset under `OptimConfig(**optim_kw)`
+    (1 process, fp32; Megatron-Core's optimizer factory, gradients from one real backward)."""
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron_step import platform
+    from megatron_step.config import ParallelConfig
+    from megatron_step.config.run import OptimConfig
+    from megatron_step.models.step_flash import build_step_flash, tiny
+    from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
+    from megatron_step.testing.parity import global_batch, train_step
+    from megatron_step.training.step import wrap_ddp
+
+    platform.setup(ParallelConfig(), seed=0)
+    o = OptimConfig(**optim_kw)
+    model = build_step_flash(tiny(), ParallelConfig())
+    tag_routers(model, o.routers_to_adam)
+    ddp = wrap_ddp(model, o.use_distributed_optimizer, layer_wise_params=matrix_predicate(o))
+    opt = build_optimizer(o, [ddp], bf16=False)
+    data = global_batch(tiny().vocab_size, 32)
+    times = []
+    for i in range(iters + 1):
+        opt.zero_grad()
+        train_step(ddp, data)
+        t0 = time.perf_counter()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def optimizer_table(iters: int) -> str:
+    """Optimizer step time of AdamW, Megatron-Core's Muon and MACRO per manifold, ratio vs AdamW."""
+    from megatron_step.testing import run_distributed
+
+    runs = {
+        "adamw": {"optimizer": "adam"},
+        "muon": {"optimizer": "muon"},
+        "macro-frobenius": {"optimizer": "macro", "manifold": "frobenius"},
+        "macro-spectral": {"optimizer": "macro", "manifold": "spectral"},
+        "macro-oblique": {"optimizer": "macro", "manifold": "oblique"},
+    }
+    ms = {k: run_distributed(_optimizer_step_time, 1, iters, kw)[0] for k, kw in runs.items()}
+    lines = [
+        "optimizer.step() on the tiny preset (fp32, 1 process, layer-wise dist-opt for muon/macro)",
+        f"{'optimizer':<18} {'ms':>8} {'vs adamw':>9}",
+    ]
+    lines += [f"{k:<18} {v:8.1f} {v / ms['adamw']:8.2f}x" for k, v in ms.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,6 +196,7 @@ def main(argv=None):
         f"\nStep 3.5 Flash tiny preset ({n / 1e6:.2f}M params incl. MTP-3), fwd+bwd, "
         f"batch {batch} x {seq} tokens: {t * 1e3:.1f} ms ({batch * seq / t:,.0f} tokens/s)"
     )
+    print("\n" + optimizer_table(args.iters))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from megatron_step.config.parallel import ParallelConfig
+from megatron_step.config.rl import RLConfig
 from megatron_step.models.step_flash.config import StepFlashConfig, preset
 
 
@@ -140,6 +141,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # posttrain/train_rl.py only
 
     def model_config(self) -> StepFlashConfig:
         base = preset(self.model_preset)
@@ -165,7 +167,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+_SECTIONS = {
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "rl": RLConfig,
+}
 
 
 def _coerce(value: str, annotation) -> Any:

@@ -194,3 +194,20 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
     if same_layout:
         _set_rng_state(loaded["rng"])
     return {"step": common["step"], "extra": common["extra"], "path": path}
+
+
+def load_model_weights(run_dir: str, chunks, step: int | None = None) -> int:
+    """Load only the model weights of `step` (default: latest) into `chunks` -- a new stage (RL from
+    a pretrained/SFT checkpoint) starts with its own optimizer and schedule. Returns the step."""
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {_ckpt_root(run_dir)} (no 'latest' file)")
+    path = _iter_dir(run_dir, step)
+    state = _model_sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(state, path)
+    if len(chunks) == 1:
+        chunks[0].module.load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.module.load_state_dict(loaded[f"model{i}"])
+    return step

@@ -163,7 +163,8 @@ def evaluate(chunks, dataset, cfg: RunConfig) -> float:
 
 
 def pretrain(cfg: RunConfig, datasets=None) -> dict:
-    """Train per `cfg`; returns {"losses": [...], "val_loss", "steps", "run_dir"}.
+    """Train per `cfg`; returns {"losses": [...], "val_loss", "val_curve": [(step, loss)],
+    "optimizer_step_ms", "step_ms" (per step), "steps", "start", "run_dir", "params"}.
     `datasets` = (train, valid) overrides the data pipeline (tests)."""
     t = cfg.train
     env = platform.setup(cfg.parallel, seed=t.seed)
@@ -197,7 +198,7 @@ def pretrain(cfg: RunConfig, datasets=None) -> dict:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     seq, gbs, mbs = cfg.data.seq_length, t.global_batch_size, t.micro_batch_size
     flops_per_step = 3 * step_flash_flops_per_token(mcfg, seq) * gbs * seq
-    losses, val_loss = [], None
+    losses, val_loss, val_curve, opt_ms, step_ms = [], None, [], [], []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         for c in chunks:
@@ -207,7 +208,9 @@ def pretrain(cfg: RunConfig, datasets=None) -> dict:
         out = _run_microbatches(chunks, mb, seq, mbs, False)
         load = _expert_load_scalars(chunks, mcfg.moe_topk) if (step + 1) % t.log_interval == 0 else {}
         finalize_model_grads(chunks)  # DP/TP/PP grad reductions + aux-loss-free expert-bias update
+        t_opt = time.perf_counter()
         ok, grad_norm, _ = optimizer.step()
+        opt_ms.append((time.perf_counter() - t_opt) * 1e3)
         scheduler.step(1)
         loss = _broadcast_from_last_stage(_dp_mean([d["lm loss"] for d in out] if out else []))
         mtp = MTPLossLoggingHelper.tracker.get("loss_values")
@@ -217,11 +220,13 @@ def pretrain(cfg: RunConfig, datasets=None) -> dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step + 1}: loss is {loss}; stopping (last checkpoint kept)")
         losses.append(loss)
+        step_ms.append(dt * 1e3)
         scalars = {
             "lm loss": loss,
             "lr": optimizer.param_groups[0]["lr"],
             "grad norm": float(grad_norm or 0.0),
             "tokens per sec": gbs * seq / dt,
+            "optimizer step ms": opt_ms[-1],
         }
         tflops = flops_per_step / dt / env.world_size / 1e12
         scalars.update({"TFLOPs per device": tflops, "MFU": tflops / t.peak_tflops})
@@ -240,6 +245,7 @@ def pretrain(cfg: RunConfig, datasets=None) -> dict:
         exiting = t.exit_after is not None and step + 1 >= t.exit_after
         if (t.eval_interval and (step + 1) % t.eval_interval == 0) or last:
             val_loss = evaluate(chunks, valid_ds, cfg)
+            val_curve.append((step + 1, val_loss))
             monitor.scalars(step + 1, {"val loss": val_loss})
             monitor.message(f"step {step + 1}: validation loss {val_loss:.4f}")
         if (t.save_interval and (step + 1) % t.save_interval == 0) or last or exiting:
@@ -254,6 +260,9 @@ def pretrain(cfg: RunConfig, datasets=None) -> dict:
     return {
         "losses": losses,
         "val_loss": val_loss,
+        "val_curve": val_curve,
+        "optimizer_step_ms": opt_ms,
+        "step_ms": step_ms,
         "steps": t.steps,
         "start": start,
         "run_dir": t.run_dir,

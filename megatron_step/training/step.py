@@ -49,6 +49,18 @@ def wrap_ddp(model, distributed_optimizer: bool = True, layer_wise_params=None):
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
     )
     layout = None
+    if distributed_optimizer and layer_wise_params is None:
+        # the ZeRO-1 layout, computed here as Megatron-Core asks callers to (DDP would otherwise
+        # compute the same one itself, with a warning)
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        layout = DistributedOptimizer.compute_full_param_layout(
+            [p for p in model.parameters() if p.requires_grad],
+            None,  # overlap_grad_reduce is off: one bucket
+            ps.get_data_parallel_world_size(with_context_parallel=True),
+            ddp_config,
+            expert_data_parallel_world_size=ps.get_expert_data_parallel_world_size(),
+        )
     if layer_wise_params is not None:
         if not distributed_optimizer:
             raise ValueError("wrap_ddp: layer_wise_params needs distributed_optimizer=True")

@@ -59,6 +59,9 @@ class StepFlashConfig:
     router_bias_update_rate: float = 1e-3  # aux-loss-free expert bias
     router_load_balancing: str = "none"  # Megatron-Core moe_router_load_balancing_type
     router_aux_loss_coeff: float = 0.0
+    # Megatron-Core's RouterReplay on every router: record the experts chosen in one forward and
+    # replay them in another (RL's routing replay, R3). Off for pretraining.
+    routing_replay: bool = False
     swiglu_limits: list[float] = field(default_factory=list)  # routed experts; [] = none
     swiglu_limits_shared: list[float] = field(default_factory=list)  # shared expert + dense FFN
     # --- MTP ---------------------------------------------------------------------------------

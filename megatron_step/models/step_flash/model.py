@@ -60,6 +60,7 @@ def transformer_config(
             moe_router_load_balancing_type=cfg.router_load_balancing,
             moe_aux_loss_coeff=cfg.router_aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
+            moe_enable_routing_replay=cfg.routing_replay,
             moe_grouped_gemm=use_te,  # grouped GEMM kernels come with TE
         )
     return TransformerConfig(

@@ -1,0 +1,1 @@
+"""Off-policy RL post-training: tasks, rollout generation and buffering, policy losses."""

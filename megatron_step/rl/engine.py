@@ -1,0 +1,253 @@
+"""Colocated generation over the *training* Megatron-Core model: batched prefill + decode with a KV
+cache, sampling (temperature / top-k / top-p, stop tokens, max length), per-token log-probabilities
+and entropies of the sampling distribution, per-token MoE routing decisions, and a cache that can be
+truncated back to an earlier position and continued (erasable rollouts need it).
+
+    engine = Engine(model, eos_id=tok.eos_id)            # model: the trainer's GPTModel (not a copy)
+    gens = engine.generate([tok.encode(p) for p in prompts], SamplingParams(max_new_tokens=48))
+
+Why our own decode loop over Megatron-Core's `StaticInferenceContext` instead of its engines:
+the dynamic engine needs flash-attn (GPU only); the static engine's text-generation controller owns
+the sampling loop, so it has no place for routing capture, per-token entropy or cache truncation.
+The KV cache, RoPE slicing, window masking and MoE layers are all Megatron-Core's own inference
+path (`Attention._adjust_key_value_for_inference`); routing capture is Megatron-Core's RouterReplay
+(`moe_enable_routing_replay`, our `model.routing_replay`).
+
+Prompts of different lengths (Megatron-Core's static-batching scheme, no attention masks needed):
+the shortest prompt length is prefilled for the whole batch, then every step feeds one position
+per sequence -- the prompt's own token while a sequence is still inside its prompt, the sampled one
+after. The cache is shared by the batch (one length), so `truncate` rolls the whole batch back;
+sequences that must keep their tokens are re-fed them (teacher forcing), as prompts are.
+
+Log-probabilities: of the token under softmax(logits / temperature), before top-k / top-p
+truncation -- the policy the trainer models is the temperature-scaled one (use temperature 1.0 for
+RL so that it is the trainer's own π). Shapes: B sequences, S positions, V vocabulary, K top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.utils import InferenceMode
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False  # argmax (logprobs still of the temperature-scaled distribution)
+    stop_ids: tuple[int, ...] = ()  # finishing tokens (kept in the response); eos is added by Engine
+    seed: int | None = None  # sampling generator seed; None: torch's global RNG
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rl.sampling.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"rl.sampling.temperature={self.temperature}: must be > 0 (greedy=True for argmax)"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rl.sampling.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"rl.sampling.top_k={self.top_k}: must be >= 0")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]  # the prompt as given
+    response_ids: list[int]  # sampled tokens, the stop token included when one ended it
+    logprobs: list[float]  # log pi_rollout(response_ids[t]) at the sampling temperature, per token
+    entropies: list[float]  # entropy of that distribution at each sampled position (nats)
+    finish: str  # "stop" (a stop token) | "length" (max_new_tokens)
+    # routing[l]: (len(prompt) + len(response) - 1, K) experts chosen by MoE layer l for every
+    # position fed to the model (the training forward's input tokens), None without MoE/recording
+    routing: list[torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+
+class KVCache:
+    """Megatron-Core's static KV cache for one batch, with the operations RL needs.
+
+    Buffers are allocated by the attention layers on first use: per layer (max_len, B, G, D) keys and
+    values. `length` is the number of positions held; `truncate(n)` drops positions >= n (they are
+    overwritten by the next forward, nothing before n is touched or recomputed)."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.ctx = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
+        self.batch, self.max_len = batch, max_len
+
+    @property
+    def length(self) -> int:
+        return self.ctx.sequence_len_offset
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate({length}): must be in [0, {self.length}]")
+        self.ctx.sequence_len_offset = length
+
+    def bytes_per_position(self) -> int:
+        """Bytes of keys + values one position of the whole batch takes, summed over layers."""
+        total = 0
+        for k, v in self.ctx.key_value_memory_dict.values():
+            total += (k[0].numel() * k.element_size()) + (v[0].numel() * v.element_size())
+        return total
+
+    def used_bytes(self) -> int:
+        """Bytes holding live positions (length x bytes_per_position): what grows with a rollout."""
+        return self.length * self.bytes_per_position()
+
+    def allocated_bytes(self) -> int:
+        return sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for k, v in self.ctx.key_value_memory_dict.values()
+        )
+
+
+def _routers(model) -> list:
+    return [m.router_replay for m in model.modules() if getattr(m, "router_replay", None) is not None]
+
+
+class Engine:
+    """Generation over `model` (a Megatron-Core GPTModel chunk holding the whole model: PP=1). The
+    engine holds a reference, not a copy: the trainer's updates are what it samples from."""
+
+    def __init__(self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256):
+        self.model = model
+        self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
+        self.replays = _routers(model)
+        self.has_mtp = bool(getattr(model, "mtp_process", False))
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
+
+    # -- low level: one forward through the cache ----------------------------------------------------
+    @torch.no_grad()
+    def forward(self, cache: KVCache, tokens_BS: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        """Feed `tokens_BS` at positions [cache.length, cache.length + S) and advance the cache.
+        Returns fp32 logits (B, S, V). With `routing` (a list), appends each MoE layer's chosen
+        experts for these positions, (S, B, K) per layer, one entry per model call.
+
+        Megatron-Core's static cache takes a multi-token chunk only as the first (prefill) call --
+        later calls drop the causal mask (decode semantics) -- so a chunk fed into a non-empty cache
+        (after a truncation, or to teacher-force kept tokens) goes one position per call."""
+        b, s = tokens_BS.shape
+        if cache.length + s > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + s}")
+        if cache.length > 0 and s > 1:
+            return torch.cat([self.forward(cache, tokens_BS[:, i : i + 1], routing) for i in range(s)], 1)
+        start = cache.length
+        pos = torch.arange(start, start + s, device=tokens_BS.device).unsqueeze(0).expand(b, s)
+        record = routing is not None and bool(self.replays)
+        for r in self.replays:
+            if record:
+                r.set_router_replay_action(RouterReplayAction.RECORD)
+        try:
+            logits = self.model(tokens_BS, pos, None, inference_context=cache.ctx, runtime_gather_output=True)
+        finally:
+            for r in self.replays:
+                r.clear_router_replay_action()
+        cache.ctx.sequence_len_offset += s
+        if record:
+            # the router sees tokens flattened from (S, B, H): row = s * B + b
+            routing.append([r.get_recorded_indices().view(s, b, -1).clone() for r in self.replays])
+        return logits.float()
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _sample(logits_BV: torch.Tensor, p: SamplingParams, gen: torch.Generator | None):
+        """(token, logprob, entropy) per row, each (B,)."""
+        logp = torch.log_softmax(logits_BV / p.temperature, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        if p.greedy:
+            tok = logits_BV.argmax(-1)
+        else:
+            filtered = logp.clone()
+            if p.top_k:
+                kth = torch.topk(filtered, min(p.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
+                filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_lp, idx = torch.sort(filtered, descending=True, dim=-1)
+                cum = sorted_lp.exp().cumsum(-1)
+                drop = cum - sorted_lp.exp() > p.top_p  # keep the smallest prefix reaching top_p
+                sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+                filtered = torch.full_like(filtered, float("-inf")).scatter(-1, idx, sorted_lp)
+            tok = torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen).squeeze(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, record_routing: bool = True
+    ) -> list[Generation]:
+        """Sample one response per prompt (repeat a prompt G times for a group)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Engine.generate: every prompt needs at least one token")
+        if len(prompts) > self.max_batch:
+            return [
+                g
+                for i in range(0, len(prompts), self.max_batch)
+                for g in self.generate(prompts[i : i + self.max_batch], params, record_routing)
+            ]
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        b = len(prompts)
+        lens = [len(p) for p in prompts]
+        lo, hi = min(lens), max(lens)
+        cache = KVCache(b, hi + params.max_new_tokens)
+        stop = set(params.stop_ids) | {self.eos_id}
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        routing = [] if record_routing and self.replays else None
+        out = [Generation(list(p), [], [], [], "length") for p in prompts]
+        done = [False] * b
+        # Megatron-Core's InferenceMode (GPTModel skips MTP while it is on) is a process-wide flag;
+        # a model without MTP does not need it, which lets a generation thread run beside training
+        mode = InferenceMode.active() if self.has_mtp else contextlib.nullcontext()
+        try:
+            with mode:
+                prefix = torch.tensor([p[:lo] for p in prompts])
+                logits = self.forward(cache, prefix, routing)[:, -1]
+                self.stats["prefill_tokens"] += b * lo
+                pos = lo  # position of the token chosen next
+                while True:
+                    tok, lp, ent = self._sample(logits, params, gen)
+                    feed = []
+                    for i in range(b):
+                        if pos < lens[i]:  # still inside its prompt: teacher-force the prompt token
+                            feed.append(prompts[i][pos])
+                        elif done[i]:
+                            feed.append(self.pad_id)
+                        else:
+                            t = int(tok[i])
+                            g = out[i]
+                            g.response_ids.append(t)
+                            g.logprobs.append(float(lp[i]))
+                            g.entropies.append(float(ent[i]))
+                            if t in stop:
+                                done[i], g.finish = True, "stop"
+                            elif len(g.response_ids) >= params.max_new_tokens:
+                                done[i] = True
+                            feed.append(t)
+                    if all(done):
+                        break
+                    logits = self.forward(cache, torch.tensor(feed)[:, None], routing)[:, -1]
+                    self.stats["decode_tokens"] += b
+                    pos += 1
+        finally:
+            self.model.train(was_training)
+        if routing is not None:
+            per_layer = [
+                torch.cat([step[layer] for step in routing], 0) for layer in range(len(self.replays))
+            ]
+            for i, g in enumerate(out):
+                n = len(g.prompt_ids) + len(g.response_ids) - 1  # positions fed for this sequence
+                g.routing = [r[:n, i] for r in per_layer]
+        self.stats["seconds"] += time.perf_counter() - t0
+        return out
+
+
+__all__ = ["Engine", "Generation", "KVCache", "SamplingParams"]

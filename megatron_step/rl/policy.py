@@ -1,0 +1,119 @@
+"""The trainer's side of RL: pack rollouts into a training batch, replay their MoE routing, and the
+`forward_step_func` that Megatron-Core's forward-backward schedule calls with a policy loss.
+
+Layout of a packed batch (B sequences, S = longest prompt + response - 1 positions):
+    tokens[b, s]   = (prompt + response)[s]          input, right-padded with pad_id
+    labels[b, s]   = (prompt + response)[s + 1]      next token
+    mask[b, s]     = 1 where labels[b, s] is a response token (the positions RL trains on)
+    old_logp, rollout_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask)
+    advantages     = (B,)
+    routing[l]     = (S * B, K) experts of MoE layer l, rows in the router's order s * B + b
+Per-token log-probabilities come from Megatron-Core's own (vocab-parallel) cross-entropy on the
+labels: logp = -CE, so TP needs no gathered logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+from megatron_step.rl.engine import _routers
+from megatron_step.rl.losses import PolicyLossConfig, policy_loss
+
+
+def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
+    """items: dicts with prompt_ids, response_ids, and optionally rollout_logp (per response token),
+    advantage, routing (per layer (n, K) as Generation.routing). Returns the batch described above."""
+    seqs = [list(it["prompt_ids"]) + list(it["response_ids"]) for it in items]
+    b, s = len(seqs), max(len(x) for x in seqs) - 1
+    tokens = torch.full((b, s), pad_id, dtype=torch.long)
+    labels = torch.full((b, s), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, s)
+    rollout = torch.zeros(b, s)
+    for i, (it, seq) in enumerate(zip(items, seqs)):
+        n = len(seq) - 1
+        tokens[i, :n] = torch.tensor(seq[:-1])
+        labels[i, :n] = torch.tensor(seq[1:])
+        p = len(it["prompt_ids"])
+        mask[i, p - 1 : n] = 1.0  # labels p-1 .. n-1 are the response tokens
+        if it.get("rollout_logp") is not None:
+            rollout[i, p - 1 : n] = torch.tensor(it["rollout_logp"], dtype=torch.float32)
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "mask": mask,
+        "rollout_logp": rollout,
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s),
+    }
+    if "advantage" in items[0]:
+        batch["advantages"] = torch.tensor([float(it["advantage"]) for it in items])
+    if replay and items[0].get("routing") is not None:
+        layers = len(items[0]["routing"])
+        k = items[0]["routing"][0].shape[-1]
+        routing = []
+        for layer in range(layers):
+            # padded positions get experts 0..K-1: they are after every real token (causal) and
+            # outside the mask, so their routing changes nothing that is trained on
+            r = torch.arange(k).repeat(s, b, 1)  # (S, B, K)
+            for i, it in enumerate(items):
+                got = it["routing"][layer]
+                r[: got.shape[0], i] = got
+            routing.append(r.reshape(s * b, k))
+        batch["routing"] = routing
+    return batch
+
+
+def set_replay(model, routing: list[torch.Tensor] | None) -> None:
+    """Replay `routing` (per MoE layer, rows s * B + b) in the next forward of `model`; None clears."""
+    replays = _routers(model)
+    for r in replays:
+        r.clear_indices()
+        r.clear_router_replay_action()
+    if routing is None:
+        return
+    if len(routing) != len(replays):
+        raise ValueError(f"routing has {len(routing)} layers, the model {len(replays)} MoE routers")
+    for r, idx in zip(replays, routing):
+        r.set_target_indices(idx)
+        r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def token_logp(model, batch: dict) -> torch.Tensor:
+    """(B, S) log pi(labels) under `model` (train or eval mode as set), routing replayed when the
+    batch carries it."""
+    unwrapped = getattr(model, "module", model)
+    set_replay(unwrapped, batch.get("routing"))
+    try:
+        ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    finally:
+        set_replay(unwrapped, None)  # the replayed indices are only needed by this forward
+    return -ce.float()
+
+
+def make_forward_step(cfg: PolicyLossConfig):
+    """A Megatron-Core `forward_step_func` over packed batches (see `pack`) with `policy_loss`.
+    The batch needs old_logp, rollout_logp, advantages, mask (and ref_logp for a KL term)."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logp = token_logp(model, batch)
+
+        def loss_func(logp_BS):
+            loss, metrics = policy_loss(
+                logp_BS,
+                batch["old_logp"],
+                batch["rollout_logp"],
+                batch["advantages"],
+                batch["mask"],
+                cfg,
+                ref_logp=batch.get("ref_logp"),
+            )
+            metrics = {k: torch.tensor(float(v)) for k, v in metrics.items()}
+            return loss, {"policy loss": loss.detach().clone(), **metrics}
+
+        return logp, loss_func
+
+    return forward_step
+
+
+__all__ = ["make_forward_step", "pack", "set_replay", "token_logp"]

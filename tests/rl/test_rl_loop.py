@@ -1,0 +1,68 @@
+"""The RL loop end to end at toy size (supervised warm-up, then RL): it runs, logs what the issue
+asks for to TensorBoard, async mode never trains on rollouts staler than the cap, and a reward that
+raises or hangs marks its samples failed (counted) while the run goes on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from megatron_step.testing import run_distributed
+from tests.rl import _loop_bodies
+
+pytestmark = pytest.mark.distributed
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    return {"data": str(root / "data"), "sft": str(root / "sft"), "root": root}
+
+
+def test_sync_run_logs_the_rl_scalars(dirs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = str(dirs["root"] / "sync")
+    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"])[0]
+    assert [s for s, _ in out["accuracy"]] == [0, 3]
+    assert out["staleness"] == [0] * 6  # sync: every group is from the current version
+    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in (
+        "reward/mean",
+        "reward/std",
+        "accuracy/train",
+        "accuracy/heldout",
+        "response length",
+        "entropy",
+        "loss/mismatch_kl",
+        "loss/token_mask_rate",
+        "loss/traj_mask_rate",
+        "staleness/max",
+        "generation tokens per sec",
+        "training tokens per sec",
+        "weight sync seconds",
+    ):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
+    run_dir = str(dirs["root"] / "async")
+    extra = (
+        "rl.async_mode=true",
+        "rl.max_staleness=1",
+        "rl.reward_fn=tests.rl._rewards_fixtures:flaky_reward",
+        "rl.reward_timeout_s=1.0",
+        "train.steps=4",
+    )
+    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
+    assert len(out["staleness"]) == 4 * 2 and max(out["staleness"]) <= 1
+    assert out["reward_failures"] > 0  # raised or timed out, counted, and the run finished
