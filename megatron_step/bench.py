@@ -4,7 +4,8 @@
   2. platform-layer overhead: our CPU patches vs a global TorchFunctionMode (below);
   3. the tiny preset's forward+backward time with MTP-3;
   4. optimizer.step() time of Muon and MACRO (each manifold) relative to AdamW on the tiny preset
-     (the loss comparison with an LR sweep is megatron_step/benchmarks/optim_compare.py).
+     (the loss comparison with an LR sweep is megatron_step/benchmarks/optim_compare.py);
+  5. greedy generation tokens/s of our RL engine vs transformers' generate() on the same weights.
 
     python -m megatron_step.bench [--iters 10]
 
@@ -197,6 +198,9 @@ def main(argv=None):
         f"batch {batch} x {seq} tokens: {t * 1e3:.1f} ms ({batch * seq / t:,.0f} tokens/s)"
     )
     print("\n" + optimizer_table(args.iters))
+    from megatron_step.benchmarks import gen_compare
+
+    print("\n" + gen_compare.format_table(run_distributed(gen_compare._body, 1, {"runs": 3})[0]))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,11 @@ def _coerce(value: str, annotation) -> Any:
     parsed = yaml.safe_load(value)
     if "float" in str(annotation) and isinstance(parsed, int) and not isinstance(parsed, bool):
         return float(parsed)
+    if "float" in str(annotation) and isinstance(parsed, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(parsed)
+        except ValueError:
+            pass
     return parsed
 
 

@@ -148,13 +148,13 @@ def read_pairs(path: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 def pair_accuracy(rm: RewardModel, tokenizer, pairs: list[dict], max_len: int = 96, batch: int = 32) -> float:
     rm.eval()
-    hits = 0
+    hits = 0.0  # a tie counts half (a zero-initialised head ties everything: 0.5, not 0)
     with torch.no_grad():
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
             c = rm(*_batch(tokenizer, [(x["prompt"], x["chosen"]) for x in chunk], max_len))
             r = rm(*_batch(tokenizer, [(x["prompt"], x["rejected"]) for x in chunk], max_len))
-            hits += int((c > r).sum())
+            hits += float((c > r).sum()) + 0.5 * float((c == r).sum())
     return hits / len(pairs)
 
 

@@ -15,6 +15,11 @@ def test_yaml_plus_overrides_are_typed():
     assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel is True
     m = cfg.model_config()
     assert m.sliding_window == 4 and m.vocab_size == 2048 and m.num_layers == 8
+    # YAML 1.1 reads "1e-3" as a string; float fields still get a float
+    cfg = load_run_config(
+        "examples/rl/rl_tiny.yaml", ["optim.lr=1e-3", "rl.clip_eps=2e-1", "optim.optimizer=macro"]
+    )
+    assert cfg.optim.lr == 1e-3 and cfg.rl.clip_eps == 0.2 and cfg.optim.optimizer == "macro"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +31,10 @@ def test_yaml_plus_overrides_are_typed():
         ("train.steps=0", r"train.steps=0: must be >= 1"),
         ("steps", "expected key=value"),
         ("model.moe_topk=99", r"model.moe_topk=99: must be in \[1, num_experts=8\]"),
+        ("optim.optimizer=lamb", "optim.optimizer='lamb': one of adam, sgd, muon, macro"),
+        ("optim.manifold=sphere", "optim.manifold='sphere': one of frobenius, spectral, oblique"),
+        ("rl.loss=ppo", "rl.loss='ppo': one of grpo, tis, mispo"),
+        ("rl.group_size=1", "rl.group_size=1: group advantages need >= 2"),
     ],
 )
 def test_bad_values_are_named(override, message):

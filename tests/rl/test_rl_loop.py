@@ -66,3 +66,16 @@ def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
     out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
     assert len(out["staleness"]) == 4 * 2 and max(out["staleness"]) <= 1
     assert out["reward_failures"] > 0  # raised or timed out, counted, and the run finished
+
+
+def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
+    """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
+    reference against itself is 0.5, and padding the same answer costs the length penalty."""
+    if not os.path.exists(os.path.join(dirs["sft"], "checkpoints", "latest")):
+        pytest.skip("needs the warm-up checkpoint of test_sync_run_logs_the_rl_scalars")
+    out = run_distributed(_loop_bodies.reward_model, 1, dirs["data"], dirs["sft"], str(tmp_path))[0]
+    losses = out["losses"]
+    assert len(losses) == 12 and sum(losses[-4:]) / 4 < losses[0]
+    same, padded = out["scores"]
+    assert same == pytest.approx(0.5, abs=1e-6)
+    assert padded < same - 0.05  # longer than the reference: penalised (and no better on the RM)
