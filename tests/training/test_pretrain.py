@@ -109,14 +109,18 @@ def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
         f"train.run_dir={run_dir}",
         "train.steps=4",
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, so the kill takes its checkpoint-writer worker with it (as a node
+    # failure would) instead of leaving that child orphaned after the test
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     tmp_dir = os.path.join(run_dir, "checkpoints", "iter_0000004.tmp")
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.isdir(tmp_dir) and os.listdir(tmp_dir)):
         assert proc.poll() is None, "training exited before its save"
         time.sleep(0.5)
     time.sleep(2)  # the shards are being written / the save is paused
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the group we started (its id is the leader's pid)
     proc.wait()
     assert os.path.isdir(tmp_dir), "expected an uncommitted checkpoint"
     assert latest_step(run_dir) == 2
