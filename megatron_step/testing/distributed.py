@@ -19,6 +19,7 @@ import contextlib
 import os
 import pickle
 import queue
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -58,9 +59,15 @@ def run_distributed(
     world_size: int,
     *args,
     timeout_s: float = 600.0,
+    exit_timeout_s: float = 120.0,
     **kwargs,
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` ranks; return per-rank results."""
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` ranks; return per-rank results.
+
+    `timeout_s` bounds the wait for each result; `exit_timeout_s` bounds how long ranks that have all
+    reported may take to tear down and exit (interpreter shutdown after a Megatron import can take
+    tens of seconds on a loaded 2-core CI box, so a short grace here made passing runs fail).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -91,8 +98,10 @@ def run_distributed(
                 break
             outputs[rank] = pickle.loads(payload)
     finally:
+        grace = exit_timeout_s if failure is None and len(outputs) == world_size else 1.0
+        deadline = time.monotonic() + grace
         for p in procs:
-            p.join(timeout=5 if failure is None else 1)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in procs:  # only our own children, by handle (never by name)
             if p.is_alive():
                 p.terminate()
