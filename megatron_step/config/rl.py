@@ -54,6 +54,20 @@ class RLConfig:
     reward_model: str | None = None
     preference_weight: float = 0.5
     length_penalty: float = 0.1
+    # --- erasable rollouts (megatron_step.rl.erasable; fields map to E3RLConfig without "e3rl_") ---
+    rollout: str = "plain"  # plain | e3rl
+    e3rl_segment_len: int = 8  # max_new_tokens = segment_len * num_segments in e3rl mode
+    e3rl_num_segments: int = 5
+    e3rl_max_erasures: int = 5
+    e3rl_signal: str = "cross_entropy"
+    e3rl_smooth_window: int = 4
+    e3rl_w_mean: float = 1.0
+    e3rl_w_max: float = 0.25
+    e3rl_w_rate: float = 0.5
+    e3rl_threshold_std: float = 1.0
+    e3rl_penalty_growth: float = 0.5
+    e3rl_history_power: float = 0.5
+    e3rl_advantage_rule: str = "uniform"
     # --- off-policy ---------------------------------------------------------------------------------------
     async_mode: bool = False  # generate step k+1 (on a synced inference replica) while training step k
     max_staleness: int = 1  # rollouts at most this many policy versions behind are trained on
@@ -70,8 +84,23 @@ class RLConfig:
             raise ValueError(f"rl.max_staleness={self.max_staleness}: must be >= 0")
         if self.loss not in ("grpo", "tis", "mispo"):
             raise ValueError(f"rl.loss={self.loss!r}: one of grpo, tis, mispo")
+        if self.rollout not in ("plain", "e3rl"):
+            raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
+        if self.rollout == "e3rl":
+            self.e3rl()  # validates the e3rl_ fields
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
+
+    def e3rl(self):
+        from megatron_step.rl.erasable import E3RLConfig
+
+        return E3RLConfig(
+            **{
+                f[len("e3rl_") :]: getattr(self, f)
+                for f in self.__dataclass_fields__
+                if f.startswith("e3rl_")
+            }
+        )
 
 
 __all__ = ["RLConfig"]

@@ -124,6 +124,7 @@ class Engine:
         self.replays = _routers(model)
         self.has_mtp = bool(getattr(model, "mtp_process", False))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
+        self.last_kv: dict[str, int] = {}  # KV-cache bytes of the last generate call (used, allocated)
 
     # -- low level: one forward through the cache ----------------------------------------------------
     @torch.no_grad()
@@ -247,6 +248,7 @@ class Engine:
                 n = len(g.prompt_ids) + len(g.response_ids) - 1  # positions fed for this sequence
                 g.routing = [r[:n, i] for r in per_layer]
         self.stats["seconds"] += time.perf_counter() - t0
+        self.last_kv = {"used_bytes": cache.used_bytes(), "allocated_bytes": cache.allocated_bytes()}
         return out
 
 

@@ -37,6 +37,13 @@ from megatron_step.config.run import RunConfig
 from megatron_step.data.tokenizer import StepTokenizer
 from megatron_step.rl.buffer import Rollout, RolloutBuffer
 from megatron_step.rl.engine import Engine, SamplingParams
+from megatron_step.rl.erasable import (
+    E3RLPolicy,
+    attention_shares,
+    erasure_stats,
+    generate_erasable,
+    segment_advantages,
+)
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages
 from megatron_step.rl.policy import make_forward_step, pack, token_logp
 from megatron_step.rl.rewards import RewardRunner, WeightedSum, format_reward, math_reward
@@ -193,6 +200,14 @@ class Rollouts:
         self.rng = random.Random(cfg.train.seed * 1000 + rank)
         self.per_rank = max(1, r.prompts_per_step // dp)
         self.failed = 0
+        self.tokens_sampled = 0  # every sampled token, erased ones included (the rollout budget)
+        self.e3rl = E3RLPolicy(r.e3rl()) if r.rollout == "e3rl" else None
+        if self.e3rl is not None and self.e3rl.cfg.max_new_tokens != r.max_new_tokens:
+            raise ValueError(
+                f"rl.rollout=e3rl: e3rl_segment_len({r.e3rl_segment_len}) * e3rl_num_segments"
+                f"({r.e3rl_num_segments}) = {self.e3rl.cfg.max_new_tokens} must equal rl.max_new_tokens"
+                f"({r.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
+            )
         self.preference = None
         if r.reward_model:
             from megatron_step.rl.reward_model import PreferenceReward, RewardModel
@@ -210,7 +225,16 @@ class Rollouts:
         problems = [self.rng.choice(self.pool) for _ in range(self.per_rank)]
         prompts = [self.encode_prompt(p) for p in problems for _ in range(g)]
         t0 = time.perf_counter()
-        gens = self.engine.generate(prompts, self.params)
+        if self.e3rl is None:
+            gens = self.engine.generate(prompts, self.params)
+        else:
+            gens = generate_erasable(
+                self.engine,
+                prompts,
+                [group_base + i // g for i in range(len(prompts))],
+                self.params,
+                self.e3rl,
+            )
         gen_s = time.perf_counter() - t0
         texts = [self.decode(x.response_ids) for x in gens]
         expanded = [p for p in problems for _ in range(g)]
@@ -235,6 +259,7 @@ class Rollouts:
             if prefs is not None:
                 pref_stats = {"reward/preference": sum(prefs) / len(prefs)}
         correct = [math_reward("", t, a) for t, a in zip(texts, refs)]
+        scales = self._advantage_scales(gens)
         rollouts = []
         for i, (gen, res) in enumerate(zip(gens, results)):
             rollouts.append(
@@ -247,10 +272,16 @@ class Rollouts:
                     version=version,
                     reward_failed=res.failed,
                     routing=gen.routing,
-                    info={"correct": correct[i], "entropy": sum(gen.entropies) / max(1, len(gen.entropies))},
+                    info={
+                        "correct": correct[i],
+                        "entropy": sum(gen.entropies) / max(1, len(gen.entropies)),
+                        **({"adv_scale": scales[i]} if scales is not None else {}),
+                    },
                 )
             )
         n_tok = sum(len(x.response_ids) for x in gens)
+        n_sampled = n_tok + sum(x.info.get("regenerated_tokens", 0) for x in gens)
+        self.tokens_sampled += n_sampled
         stats = {
             "reward/mean": sum(r.value for r in results) / len(results),
             "reward/std": torch.tensor([r.value for r in results]).std().item(),
@@ -258,11 +289,21 @@ class Rollouts:
             "accuracy/train": sum(correct) / len(correct),
             "response length": n_tok / len(gens),
             "entropy": sum(r.info["entropy"] for r in rollouts) / len(rollouts),
-            "generation tokens per sec": n_tok / gen_s,
+            "generation tokens per sec": n_sampled / gen_s,
+            "tokens sampled": float(n_sampled),
             **pref_stats,
         }
+        if self.e3rl is not None:
+            stats.update(erasure_stats(gens, correct))
         self.failed += int(stats["reward/failed"])
         return rollouts, stats
+
+    def _advantage_scales(self, gens) -> list[list[float]] | None:
+        """Per-token advantage scales of the segment rule (None: the sequence advantage as is)."""
+        if self.e3rl is None or self.e3rl.cfg.advantage_rule == "uniform":
+            return None
+        shares = attention_shares(self.engine.model, gens)
+        return segment_advantages([1.0] * len(gens), gens, self.e3rl.cfg, shares)
 
     @torch.no_grad()
     def heldout_accuracy(self) -> float:
@@ -299,7 +340,10 @@ def policy_update(
             "prompt_ids": r.prompt_ids,
             "response_ids": r.response_ids,
             "rollout_logp": r.rollout_logp,
-            "advantage": float(adv[i, j]),
+            # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
+            "advantage": [float(adv[i, j]) * x for x in r.info["adv_scale"]]
+            if "adv_scale" in r.info
+            else float(adv[i, j]),
             "routing": r.routing,
         }
         for i, grp in enumerate(groups)
@@ -449,6 +493,7 @@ def train_rl(cfg: RunConfig) -> dict:
         gen = AsyncGenerator(rollouts, replica, module, buffer, t.steps + r.max_staleness + 1)
     acc0 = rollouts.heldout_accuracy()
     accuracy, rewards_curve, staleness_seen = [(0, acc0)], [], []
+    tokens_at_eval = [(0, 0)]
     monitor.scalars(0, {"accuracy/heldout": acc0})
     monitor.message(f"step 0: held-out accuracy {acc0:.3f}")
     version = 0
@@ -478,6 +523,7 @@ def train_rl(cfg: RunConfig) -> dict:
                     "staleness/max": float(max(stale)),
                     "staleness/dropped groups": float(buffer.dropped_stale),
                     "weight sync seconds": sync_s,
+                    "tokens sampled/cumulative (this rank)": float(rollouts.tokens_sampled),
                     "step seconds": time.perf_counter() - t0,
                 }
             )
@@ -487,6 +533,7 @@ def train_rl(cfg: RunConfig) -> dict:
             if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
                 acc = rollouts.heldout_accuracy()
                 accuracy.append((step + 1, acc))
+                tokens_at_eval.append((step + 1, rollouts.tokens_sampled))
                 metrics["accuracy/heldout"] = acc
                 monitor.message(f"step {step + 1}: held-out accuracy {acc:.3f}")
             monitor.scalars(step + 1, metrics)
@@ -515,6 +562,7 @@ def train_rl(cfg: RunConfig) -> dict:
         "reward": rewards_curve,
         "staleness": staleness_seen,
         "reward_failures": rollouts.failed,
+        "tokens_sampled": tokens_at_eval,
         "run_dir": t.run_dir,
     }
 

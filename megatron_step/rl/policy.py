@@ -6,7 +6,7 @@ Layout of a packed batch (B sequences, S = longest prompt + response - 1 positio
     labels[b, s]   = (prompt + response)[s + 1]      next token
     mask[b, s]     = 1 where labels[b, s] is a response token (the positions RL trains on)
     old_logp, rollout_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask)
-    advantages     = (B,)
+    advantages     = (B,), or (B, S) when items carry per-token advantages (segment-level credit)
     routing[l]     = (S * B, K) experts of MoE layer l, rows in the router's order s * B + b
 Per-token log-probabilities come from Megatron-Core's own (vocab-parallel) cross-entropy on the
 labels: logp = -CE, so TP needs no gathered logits.
@@ -46,7 +46,17 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s),
     }
     if "advantage" in items[0]:
-        batch["advantages"] = torch.tensor([float(it["advantage"]) for it in items])
+        if any(isinstance(it["advantage"], (list, tuple)) for it in items):
+            # per-token advantages (segment-level credit): (B, S), 0 outside the response
+            adv = torch.zeros(b, s)
+            for i, (it, seq) in enumerate(zip(items, seqs)):
+                a, p = it["advantage"], len(it["prompt_ids"])
+                adv[i, p - 1 : len(seq) - 1] = torch.tensor(
+                    a if isinstance(a, (list, tuple)) else [float(a)] * (len(seq) - p), dtype=torch.float32
+                )
+            batch["advantages"] = adv
+        else:
+            batch["advantages"] = torch.tensor([float(it["advantage"]) for it in items])
     if replay and items[0].get("routing") is not None:
         layers = len(items[0]["routing"])
         k = items[0]["routing"][0].shape[-1]

@@ -79,3 +79,32 @@ def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     same, padded = out["scores"]
     assert same == pytest.approx(0.5, abs=1e-6)
     assert padded < same - 0.05  # longer than the reference: penalised (and no better on the RM)
+
+
+def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = str(dirs["root"] / "e3rl")
+    extra = (
+        "rl.rollout=e3rl",
+        "rl.e3rl_segment_len=5",
+        "rl.e3rl_num_segments=2",
+        "rl.e3rl_advantage_rule=attention",
+        "rl.e3rl_threshold_std=0.0",  # erase whatever is above its group's mean: erasures happen
+    )
+    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
+    assert [s for s, _ in out["tokens_sampled"]] == [0, 3] and out["tokens_sampled"][-1][1] > 0
+    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in (
+        "e3rl/erasures per rollout",
+        "e3rl/tokens regenerated",
+        "e3rl/prefix tokens not recomputed",
+        "e3rl/accuracy with erasure",
+        "e3rl/accuracy without erasure",
+        "tokens sampled",
+    ):
+        assert tag in tags, (tag, sorted(tags))
+    erasures = [e.value for e in ea.Scalars("e3rl/erasures per rollout")]
+    assert sum(erasures) > 0

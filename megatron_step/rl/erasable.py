@@ -1,0 +1,482 @@
+"""Erasable rollouts (E3RL): segment-wise generation that erases an uncertain segment and regenerates
+it in place on top of the kept prefix's KV cache.
+
+    policy = E3RLPolicy(E3RLConfig(segment_len=8, num_segments=6, max_erasures=5))
+    gens = generate_erasable(engine, prompts, groups, SamplingParams(temperature=1.0), policy)
+    gens[i].info["erasures"], gens[i].info["segments"]       # per rollout
+
+How it works (per batch of prompts of equal length; prompts are bucketed by length, so every row of a
+bucket sits at the same cache position -- Megatron-Core's static cache keeps one length per batch):
+
+1. All rows decode segment n (S tokens) together. Each sampled token's cross-entropy (-log p of the
+   sampled token) and entropy come from the sampling logits, as in `Engine.generate`.
+2. The policy scores each row's segment (U_n) and compares it to a threshold Theta_n built from the
+   statistics of U_n over the G rollouts of the same prompt (`groups`), the row's erasure count and
+   its history (see `E3RLPolicy`).
+3. Rows to erase are rolled back to the segment's first position and regenerate it. Rows that are
+   adjacent in the batch regenerate together, as a contiguous batch slice of the same cache
+   (`batch_size_offset`): the kept prefix's keys/values are read where they are, nothing before the
+   segment is fed to the model again, and the other rows' cache entries are untouched. The logits that
+   predicted the segment's first token were kept at the boundary, so the first regenerated token
+   needs no forward either. A regenerated segment is scored again (with the grown penalty) and may be
+   erased again, up to K erasures per rollout (Erase@K).
+4. The cache never grows past prompt + S*N positions and holds exactly one copy of each live position:
+   after any number of erasures it uses what a plain rollout of the same final length uses.
+
+What is recorded per rollout (`Generation.info`): `segments` (response token boundaries of the kept
+segments), `erasures`, `erased` (each erased segment: index, tokens, U, Theta), `regenerated_tokens`,
+`prefix_reused` (kept positions read from the cache, not recomputed, summed over erasures) and
+`segment_u` (U of each kept segment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.inference.utils import InferenceMode
+
+from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
+
+
+@dataclass
+class E3RLConfig:
+    """E3RL knobs. The paper (DESIGN.md §5) publishes the structure (segments, smoothed mean + max +
+    rate of change, group-adaptive threshold, exponential erasure penalty, Erase@K with K=5 best,
+    16 x 512-token segments at full scale) but not the weights; those defaults are ours, reasons
+    inline. The defaults for segment_len/num_segments fit the tiny CPU arithmetic task."""
+
+    segment_len: int = 8  # S tokens per segment (paper: 512 at full scale)
+    num_segments: int = 6  # N segments: max_new_tokens = S * N (paper: 16)
+    max_erasures: int = 5  # K: Erase@K (paper's best K)
+    # token uncertainty: "cross_entropy" (-log p of the sampled token, the paper's signal) or
+    # "entropy" (of the whole sampling distribution)
+    signal: str = "cross_entropy"
+    smooth_window: int = 4  # sliding window of the smoothed mean (tokens); ours: half a tiny segment
+    # U_n = w_mean * mean(smoothed) + w_max * max + w_rate * max(0, mean_n - mean_{n-1}); ours: the
+    # mean carries the level, the max a single derailing token (a quarter weight: one token alone
+    # should rarely erase a segment), the rise a jump against the previous kept segment
+    w_mean: float = 1.0
+    w_max: float = 0.25
+    w_rate: float = 0.5
+    # Theta_n = (mu_g + threshold_std * sigma_g) * (1 + penalty_growth) ** erasures * history
+    # mu_g, sigma_g: U_n over the group's rollouts that reached segment n (first pass). 1 std: erase
+    # about the top sixth of segments when U is roughly normal; growth 0.5: the 5th erasure needs a
+    # U 7.6x the first one's threshold, so K is rarely reached on noise alone
+    threshold_std: float = 1.0
+    penalty_growth: float = 0.5
+    # history = (mean U of this rollout's kept segments / the group's mean of the same) ** history_power
+    # (1 at n = 0): a rollout uncertain all along gets a higher bar, so erasures go to local spikes
+    # rather than to hard prompts; ours
+    history_power: float = 0.5
+    # segment-level advantages (see `segment_advantages`): "uniform" (every kept token gets the
+    # sequence advantage: plain GRPO credit) or "attention" (scaled by the attention share each segment
+    # gets from the final segment)
+    advantage_rule: str = "uniform"
+
+    def __post_init__(self):
+        for name in ("segment_len", "num_segments", "smooth_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.e3rl_{name}={getattr(self, name)}: must be >= 1")
+        if self.max_erasures < 0:
+            raise ValueError(f"rl.e3rl_max_erasures={self.max_erasures}: must be >= 0")
+        if self.signal not in ("cross_entropy", "entropy"):
+            raise ValueError(f"rl.e3rl_signal={self.signal!r}: one of cross_entropy, entropy")
+        if self.advantage_rule not in ("uniform", "attention"):
+            raise ValueError(f"rl.e3rl_advantage_rule={self.advantage_rule!r}: one of uniform, attention")
+        if self.penalty_growth < 0:
+            raise ValueError(f"rl.e3rl_penalty_growth={self.penalty_growth}: must be >= 0")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.segment_len * self.num_segments
+
+
+class E3RLPolicy:
+    """The erasure rule. Subclass and override `uncertainty` / `threshold` (or `decide`) to change it;
+    `generate_erasable` only calls `decide`."""
+
+    def __init__(self, cfg: E3RLConfig):
+        self.cfg = cfg
+
+    def token_signal(self, logprobs: list[float], entropies: list[float]) -> list[float]:
+        return [-x for x in logprobs] if self.cfg.signal == "cross_entropy" else list(entropies)
+
+    def uncertainty(self, x: list[float], prev_mean: float | None) -> float:
+        """U of one segment from its token signal `x` (non-empty) and the previous kept segment's mean."""
+        c = self.cfg
+        t = torch.tensor(x, dtype=torch.float64)
+        w = min(c.smooth_window, len(x))
+        smooth = t.unfold(0, w, 1).mean(-1)  # (len - w + 1,) sliding means
+        rise = 0.0 if prev_mean is None else max(0.0, float(t.mean()) - prev_mean)
+        return c.w_mean * float(smooth.mean()) + c.w_max * float(t.max()) + c.w_rate * rise
+
+    def threshold(self, mu: float, sigma: float, erasures: int, history: float) -> float:
+        c = self.cfg
+        return (mu + c.threshold_std * sigma) * (1.0 + c.penalty_growth) ** erasures * history
+
+    def decide(
+        self,
+        u: list[float],
+        groups: list[int],
+        erasures: list[int],
+        histories: list[list[float]],
+        stats: dict[int, tuple[float, float]] | None = None,
+    ) -> tuple[list[bool], list[float], dict]:
+        """For the rows of one segment: erase?, Theta per row, and the group statistics used.
+
+        u[i]: U of row i's segment; groups[i]: its prompt group; erasures[i]: erasures so far;
+        histories[i]: U of its earlier kept segments. `stats` (group -> (mu, sigma)) fixes the group
+        statistics (given on re-checks of a regenerated segment: the first pass's are kept)."""
+        if stats is None:
+            stats = {}
+            for g in set(groups):
+                vals = torch.tensor([x for x, gg in zip(u, groups) if gg == g], dtype=torch.float64)
+                sd = float(vals.std(unbiased=False)) if len(vals) > 1 else 0.0
+                stats[g] = (float(vals.mean()), sd)
+        # history: this row's mean kept U relative to its group's mean kept U
+        group_hist: dict[int, list[float]] = {}
+        for h, g in zip(histories, groups):
+            if h:
+                group_hist.setdefault(g, []).append(sum(h) / len(h))
+        thetas, erase = [], []
+        for i, g in enumerate(groups):
+            mu, sd = stats[g]
+            hist = 1.0
+            if histories[i] and group_hist.get(g):
+                ref = sum(group_hist[g]) / len(group_hist[g])
+                if ref > 0:
+                    hist = (sum(histories[i]) / len(histories[i]) / ref) ** self.cfg.history_power
+            th = self.threshold(mu, sd, erasures[i], hist)
+            thetas.append(th)
+            erase.append(sd > 0 and u[i] > th and erasures[i] < self.cfg.max_erasures)
+        return erase, thetas, stats
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    group: int
+    resp: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    ent: list[float] = field(default_factory=list)
+    done: bool = False
+    finish: str = "length"
+    erasures: int = 0
+    seg_starts: list[int] = field(default_factory=list)  # response index where each kept segment starts
+    seg_u: list[float] = field(default_factory=list)
+    erased: list[dict] = field(default_factory=list)
+    regenerated: int = 0
+    prefix_reused: int = 0
+    routing: list[torch.Tensor] = field(default_factory=list)  # per fed position: (layers, K)
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices -> maximal contiguous [a, b) runs."""
+    out: list[tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+class _Bucket:
+    """Rows of equal prompt length sharing one static cache."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        rows: list[_Row],
+        params: SamplingParams,
+        policy: E3RLPolicy,
+        gen: torch.Generator | None,
+        record: bool,
+    ):
+        self.engine, self.rows, self.params, self.policy, self.gen = engine, rows, params, policy, gen
+        self.cfg = policy.cfg
+        self.L = len(rows[0].prompt)
+        self.cache = KVCache(len(rows), self.L + self.cfg.max_new_tokens)
+        self.record = record and bool(engine.replays)
+        self.stop = set(params.stop_ids) | {engine.eos_id}
+        self.logits: list[torch.Tensor | None] = [None] * len(rows)  # next-token logits per row
+
+    def forward(self, tokens_bS: torch.Tensor, a: int) -> torch.Tensor:
+        """Feed rows [a, a + b) at the cache's current position; (b, S, V) logits."""
+        rec = [] if self.record else None
+        b, s = tokens_bS.shape
+        self.cache.ctx.batch_size_offset = a
+        try:
+            logits = self.engine.forward(self.cache, tokens_bS, rec)
+        finally:
+            self.cache.ctx.batch_size_offset = 0
+        if rec:
+            for call in rec:  # per call: per layer (s', b, K)
+                stacked = torch.stack(call, 0)  # (layers, s', b, K)
+                for j in range(b):
+                    self.rows[a + j].routing.extend(stacked[:, :, j].unbind(1))
+        return logits
+
+    def prefill(self) -> None:
+        toks = torch.tensor([r.prompt for r in self.rows])
+        logits = self.forward(toks, 0)[:, -1]
+        self.engine.stats["prefill_tokens"] += toks.numel()
+        for i in range(len(self.rows)):
+            self.logits[i] = logits[i]
+
+    def decode_segment(self, a: int, b: int) -> None:
+        """Rows [a, b) (not done) sample one segment from their current logits, the cache positioned at
+        the segment's start."""
+        S, cap = self.cfg.segment_len, self.cfg.max_new_tokens
+        rows = self.rows[a:b]
+        for r in rows:
+            if not r.done:
+                r.seg_starts.append(len(r.resp))
+        for _ in range(S):
+            logits = torch.stack([self.logits[i] for i in range(a, b)])
+            tok, lp, ent = self.engine._sample(logits, self.params, self.gen)
+            feed = []
+            for j, r in enumerate(rows):
+                if r.done:
+                    feed.append(self.engine.pad_id)
+                    continue
+                t = int(tok[j])
+                r.resp.append(t)
+                r.logp.append(float(lp[j]))
+                r.ent.append(float(ent[j]))
+                if t in self.stop:
+                    r.done, r.finish = True, "stop"
+                elif len(r.resp) >= cap:
+                    r.done = True
+                feed.append(t)
+            if all(r.done for r in rows):
+                break
+            out = self.forward(torch.tensor(feed)[:, None], a)[:, -1]
+            self.engine.stats["decode_tokens"] += len(rows)
+            for j in range(b - a):
+                self.logits[a + j] = out[j]
+
+    def seg_signal(self, r: _Row) -> list[float]:
+        s = r.seg_starts[-1]
+        return self.policy.token_signal(r.logp[s:], r.ent[s:])
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.prefill()
+        for n in range(cfg.num_segments):
+            active = [i for i, r in enumerate(self.rows) if not r.done]
+            if not active:
+                break
+            start_pos = self.cache.length  # every active row is at this position
+            boundary = {i: self.logits[i].clone() for i in active}
+            self.decode_segment(0, len(self.rows))
+            u = {}
+            for i in active:
+                r = self.rows[i]
+                prev = None
+                if len(r.seg_starts) > 1:
+                    p0, p1 = r.seg_starts[-2], r.seg_starts[-1]
+                    prev_x = self.policy.token_signal(r.logp[p0:p1], r.ent[p0:p1])
+                    prev = sum(prev_x) / len(prev_x)
+                u[i] = (self.policy.uncertainty(self.seg_signal(r), prev), prev)
+            groups = [self.rows[i].group for i in active]
+            hist = [self.rows[i].seg_u[:] for i in active]
+            erase, thetas, stats = self.policy.decide(
+                [u[i][0] for i in active], groups, [self.rows[i].erasures for i in active], hist
+            )
+            while any(erase):
+                todo = [i for i, e in zip(active, erase) if e]
+                for i, th in zip(active, thetas):
+                    if i in todo:
+                        r = self.rows[i]
+                        s = r.seg_starts.pop()
+                        r.erased.append({"segment": n, "tokens": r.resp[s:], "u": u[i][0], "theta": th})
+                        r.regenerated += len(r.resp) - s
+                        r.prefix_reused += start_pos
+                        del r.resp[s:], r.logp[s:], r.ent[s:]
+                        del r.routing[start_pos:]
+                        r.done, r.finish = False, "length"
+                        r.erasures += 1
+                        self.logits[i] = boundary[i].clone()
+                for a, b in _runs(todo):
+                    # rows of the run outside `todo` cannot exist (runs are built from todo)
+                    self.cache.ctx.sequence_len_offset = start_pos
+                    self.decode_segment(a, b)
+                for i in todo:
+                    r = self.rows[i]
+                    u[i] = (self.policy.uncertainty(self.seg_signal(r), u[i][1]), u[i][1])
+                erase, thetas, _ = self.policy.decide(
+                    [u[i][0] for i in active],
+                    groups,
+                    [self.rows[i].erasures for i in active],
+                    hist,
+                    stats=stats,
+                )
+                erase = [e and i in todo for i, e in zip(active, erase)]
+            for i in active:
+                self.rows[i].seg_u.append(u[i][0])
+            # every row still going fed the whole segment (first pass or regeneration): realign the
+            # shared length on them
+            self.cache.ctx.sequence_len_offset = start_pos + cfg.segment_len
+        # live positions: the longest kept rollout's (its last token is never fed, as in `generate`);
+        # entries past it are erased or padding and are dropped
+        self.cache.ctx.sequence_len_offset = self.L + max(len(r.resp) for r in self.rows) - 1
+
+
+@torch.no_grad()
+def generate_erasable(
+    engine: Engine,
+    prompts: list[list[int]],
+    groups: list[int],
+    params: SamplingParams,
+    policy: E3RLPolicy,
+    record_routing: bool = True,
+) -> list[Generation]:
+    """Sample one erasable rollout per prompt (repeat a prompt G times, with one group id, for a group).
+    `params.max_new_tokens` is ignored: the length cap is segment_len * num_segments."""
+    if len(prompts) != len(groups):
+        raise ValueError(f"generate_erasable: {len(prompts)} prompts but {len(groups)} group ids")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_erasable: every prompt needs at least one token")
+    t0 = time.perf_counter()
+    was_training = engine.model.training
+    engine.model.eval()
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    rows = [_Row(list(p), g) for p, g in zip(prompts, groups)]
+    buckets = []
+    mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
+    try:
+        with mode:
+            for _, idx in sorted(by_len.items()):
+                for k in range(0, len(idx), engine.max_batch):
+                    part = idx[k : k + engine.max_batch]
+                    bucket = _Bucket(engine, [rows[i] for i in part], params, policy, gen, record_routing)
+                    bucket.run()
+                    buckets.append(bucket)
+    finally:
+        engine.model.train(was_training)
+    out = []
+    for r in rows:
+        info = {
+            "erasures": r.erasures,
+            "erased": r.erased,
+            "segments": r.seg_starts,
+            "segment_u": r.seg_u,
+            "regenerated_tokens": r.regenerated,
+            "prefix_reused": r.prefix_reused,
+        }
+        g = Generation(r.prompt, r.resp, r.logp, r.ent, r.finish, info=info)
+        if r.routing:
+            n = len(r.prompt) + len(r.resp) - 1
+            stacked = torch.stack(r.routing[:n], 0)  # (n, layers, K)
+            g.routing = list(stacked.transpose(0, 1).contiguous().unbind(0))
+        out.append(g)
+    engine.stats["seconds"] += time.perf_counter() - t0
+    engine.last_kv = {
+        "used_bytes": sum(b.cache.used_bytes() for b in buckets),
+        "allocated_bytes": sum(b.cache.allocated_bytes() for b in buckets),
+    }
+    return out
+
+
+def segment_advantages(
+    advantages: list[float], gens: list[Generation], cfg: E3RLConfig, shares: list[list[float]] | None = None
+) -> list[list[float]]:
+    """Per-token advantages of the kept response tokens: the sequence advantage split over segments.
+
+    uniform:   every token of every kept segment gets the sequence advantage A (GRPO credit).
+    attention: segment n's tokens get A * N_seg * share_n, share_n = the attention mass the final
+               segment's queries put on segment n's keys (`attention_shares`), normalised over the
+               segments so the scale averages 1: segments the answer leaned on carry more of the credit.
+    Erased segments are not in `gens[i].response_ids`, so they get nothing."""
+    out = []
+    for k, (a, g) in enumerate(zip(advantages, gens)):
+        n_tok = len(g.response_ids)
+        starts = list(g.info.get("segments") or [0]) + [n_tok]
+        if cfg.advantage_rule == "uniform" or shares is None:
+            out.append([a] * n_tok)
+            continue
+        sh = torch.tensor(shares[k], dtype=torch.float64)
+        scale = (sh / sh.sum().clamp(min=1e-12) * len(sh)).tolist() if len(sh) else []
+        tok = []
+        for n in range(len(starts) - 1):
+            tok += [a * scale[n]] * (starts[n + 1] - starts[n])
+        out.append(tok)
+    return out
+
+
+@torch.no_grad()
+def attention_shares(model, gens: list[Generation]) -> list[list[float]]:
+    """Per rollout, per kept segment: the share of attention the final segment's queries put on that
+    segment's keys, averaged over heads and the model's full-attention layers (sliding-window layers
+    cannot see far back, so they would credit only the last segments). One no-cache forward per
+    rollout; the probabilities are read from Megatron-Core's local core attention (`scale_mask_softmax`),
+    so the TE layer spec (fused kernels never materialise them) is refused."""
+    mods = [
+        m.core_attention.scale_mask_softmax
+        for m in model.modules()
+        if getattr(m, "window", "absent") is None and hasattr(m, "core_attention")
+    ]
+    if not mods or not all(isinstance(m, torch.nn.Module) for m in mods):
+        raise RuntimeError(
+            "rl.e3rl_advantage_rule=attention needs the local attention spec (full-attention layers whose "
+            "probabilities are materialised); use advantage_rule=uniform with Transformer Engine layers"
+        )
+    probs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: probs.append(out.detach())) for m in mods]
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for g in gens:
+            seq = g.prompt_ids + g.response_ids
+            if len(seq) < 2:
+                out.append([1.0])
+                continue
+            x = torch.tensor([seq[:-1]])
+            probs.clear()
+            model(x, torch.arange(x.shape[1])[None], None)
+            p = torch.stack([q[0].float().mean(0) for q in probs]).mean(0)  # (sq, sk): heads, layers
+            lp = len(g.prompt_ids)
+            # response token t is produced by the query at position lp - 1 + t and is the key at lp + t
+            starts = list(g.info.get("segments") or [0]) + [len(g.response_ids)]
+            rows = p[lp - 1 + starts[-2] : lp - 1 + starts[-1]]  # the queries producing the final segment
+            out.append([float(rows[:, lp + a : lp + b].sum(-1).mean()) for a, b in zip(starts, starts[1:])])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def erasure_stats(gens: list[Generation], correct: list[float]) -> dict[str, float]:
+    """TensorBoard metrics of one batch of erasable rollouts (per rollout means)."""
+    n = max(1, len(gens))
+    er = [g.info.get("erasures", 0) for g in gens]
+    with_e = [c for c, e in zip(correct, er) if e > 0]
+    without = [c for c, e in zip(correct, er) if e == 0]
+    nan = float("nan")
+    return {
+        "e3rl/erasures per rollout": sum(er) / n,
+        "e3rl/rollouts with an erasure": sum(e > 0 for e in er) / n,
+        "e3rl/tokens regenerated": sum(g.info.get("regenerated_tokens", 0) for g in gens) / n,
+        "e3rl/prefix tokens not recomputed": sum(g.info.get("prefix_reused", 0) for g in gens) / n,
+        "e3rl/accuracy with erasure": sum(with_e) / len(with_e) if with_e else nan,
+        "e3rl/accuracy without erasure": sum(without) / len(without) if without else nan,
+    }
+
+
+__all__ = [
+    "E3RLConfig",
+    "E3RLPolicy",
+    "attention_shares",
+    "erasure_stats",
+    "generate_erasable",
+    "segment_advantages",
+]

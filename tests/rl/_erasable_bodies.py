@@ -1,0 +1,187 @@
+"""Process bodies for tests/rl/test_erasable.py (module-level so they pickle into spawned ranks)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+
+from megatron_step import platform
+from megatron_step.config import ParallelConfig
+from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.rl.erasable import E3RLConfig, E3RLPolicy
+
+
+class ForcedPolicy(E3RLPolicy):
+    """Erases every rollout of `group` at segment `at` (its second kept segment when at=1), `times`
+    times: erasures at a known place, whatever the uncertainties are."""
+
+    def __init__(self, cfg, group=1, at=1, times=2):
+        super().__init__(cfg)
+        self.group, self.at, self.times = group, at, times
+
+    def decide(self, u, groups, erasures, histories, stats=None):
+        erase = [
+            g == self.group and len(h) == self.at and e < self.times
+            for g, e, h in zip(groups, erasures, histories)
+        ]
+        return erase, [0.0] * len(u), stats or {}
+
+
+def _model(seed=3):
+    platform.setup(ParallelConfig(), seed=seed)
+    cfg = dataclasses.replace(tiny(), routing_replay=True)
+    return cfg, build_step_flash(cfg, ParallelConfig())
+
+
+def _capture_positions(model):
+    """Per (call, row of the cache): the positions fed, from the model's own inputs."""
+    fed = []
+
+    def pre(mod, args, kwargs):
+        ctx = kwargs.get("inference_context")
+        pos = args[1]
+        off = ctx.batch_size_offset if ctx is not None else 0
+        for j in range(pos.shape[0]):
+            fed.append((id(ctx), off + j, pos[j].tolist()))
+
+    return fed, model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def erase_and_reuse(rank, world_size):
+    """Six rollouts of two prompts (one bucket) plus two of a shorter prompt (another bucket); group 1's
+    three rollouts erase their second segment twice. Checks, from the model's inputs: no position before
+    the rolled-back segment is fed twice; the kept tokens' log-probs/entropies equal a from-scratch
+    forward over prompt + final response; the recorded routing replays to the same log-probs."""
+    from megatron_step.rl.engine import Engine, SamplingParams
+    from megatron_step.rl.policy import pack, token_logp
+
+    cfg, model = _model()
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randint(4, cfg.vocab_size, (7,), generator=g).tolist()
+    p1 = torch.randint(4, cfg.vocab_size, (7,), generator=g).tolist()
+    p2 = torch.randint(4, cfg.vocab_size, (4,), generator=g).tolist()
+    prompts = [p0] * 3 + [p1] * 3 + [p2] * 2
+    groups = [0] * 3 + [1] * 3 + [2] * 2
+    ecfg = E3RLConfig(segment_len=5, num_segments=4, max_erasures=5)
+    engine = Engine(model, eos_id=-1)  # never stops early: every rollout has 4 full segments
+    fed, hook = _capture_positions(model)
+    gens = __import__("megatron_step.rl.erasable", fromlist=["x"]).generate_erasable(
+        engine, prompts, groups, SamplingParams(seed=5), ForcedPolicy(ecfg)
+    )
+    hook.remove()
+    # positions fed per (cache, row)
+    counts: dict[tuple[int, int], Counter] = {}
+    for ctx, row, pos in fed:
+        counts.setdefault((ctx, row), Counter()).update(pos)
+    ctx_ids = sorted({c for c, _, _ in fed}, key=[c for c, _, _ in fed].index)
+    big = ctx_ids[0] if len(p0) < len(p2) else ctx_ids[1]  # buckets run shortest prompt first
+    rollback = len(p0) + ecfg.segment_len  # first position of segment 1
+    prefix_recomputed = 0
+    regen_fed = []
+    for row in range(6):
+        c = counts[(big, row)]
+        prefix_recomputed += sum(n - 1 for p, n in c.items() if p < rollback)
+        regen_fed.append(max(c[p] for p in range(rollback, rollback + ecfg.segment_len)))
+    # kept tokens vs a from-scratch forward
+    model.eval()
+    worst_lp = worst_ent = 0.0
+    with torch.no_grad():
+        for gen in gens:
+            seq = gen.prompt_ids + gen.response_ids
+            x = torch.tensor([seq[:-1]])
+            logits = model(x, torch.arange(x.shape[1])[None], None).float()[0, len(gen.prompt_ids) - 1 :]
+            lp = torch.log_softmax(logits, -1)
+            got = lp.gather(-1, torch.tensor(gen.response_ids)[:, None]).squeeze(-1)
+            ent = -(lp.exp() * lp).sum(-1)
+            worst_lp = max(worst_lp, (got - torch.tensor(gen.logprobs)).abs().max().item())
+            worst_ent = max(worst_ent, (ent - torch.tensor(gen.entropies)).abs().max().item())
+    items = [
+        {
+            "prompt_ids": x.prompt_ids,
+            "response_ids": x.response_ids,
+            "rollout_logp": x.logprobs,
+            "routing": x.routing,
+        }
+        for x in gens
+    ]
+    batch = pack(items)
+    model.train()
+    with torch.no_grad():
+        logp = token_logp(model, batch)
+    m = batch["mask"].bool()
+    return {
+        "erasures": [x.info["erasures"] for x in gens],
+        "erased_segments": [[e["segment"] for e in x.info["erased"]] for x in gens],
+        "regenerated": [x.info["regenerated_tokens"] for x in gens],
+        "prefix_reused": [x.info["prefix_reused"] for x in gens],
+        "lengths": [len(x.response_ids) for x in gens],
+        "segments": [x.info["segments"] for x in gens],
+        "prefix_recomputed": prefix_recomputed,
+        "regen_fed": regen_fed,
+        "max_logp_diff": worst_lp,
+        "max_entropy_diff": worst_ent,
+        "replay_logp_diff": (logp[m] - batch["rollout_logp"][m]).abs().max().item(),
+        "routing_rows": [x.routing[0].shape[0] for x in gens],
+        "expected_routing_rows": [len(x.prompt_ids) + len(x.response_ids) - 1 for x in gens],
+    }
+
+
+def memory_after_erasures(rank, world_size):
+    """KV bytes after K erasures vs a plain rollout of the same final length (same prompt, batch)."""
+    from megatron_step.rl.engine import Engine, SamplingParams
+    from megatron_step.rl.erasable import generate_erasable
+
+    cfg, model = _model()
+    g = torch.Generator().manual_seed(1)
+    p = torch.randint(4, cfg.vocab_size, (6,), generator=g).tolist()
+    ecfg = E3RLConfig(segment_len=4, num_segments=5, max_erasures=3)
+    engine = Engine(model, eos_id=-1)
+    gens = generate_erasable(
+        engine, [p] * 4, [0] * 4, SamplingParams(seed=1), ForcedPolicy(ecfg, group=0, at=2, times=3)
+    )
+    erasable = dict(engine.last_kv)
+    plain = engine.generate([p] * 4, SamplingParams(max_new_tokens=ecfg.max_new_tokens, seed=1))
+    return {
+        "erasures": [x.info["erasures"] for x in gens],
+        "lengths": [len(x.response_ids) for x in gens],
+        "plain_lengths": [len(x.response_ids) for x in plain],
+        "erasable": erasable,
+        "plain": dict(engine.last_kv),
+    }
+
+
+def shares(rank, world_size):
+    """attention_shares on erasable rollouts: one share per kept segment, each in [0, 1], summing to at
+    most 1 (the rest is on the prompt), equal to a hand computation from the captured probabilities."""
+    from megatron_step.rl.engine import Engine, SamplingParams
+    from megatron_step.rl.erasable import attention_shares, generate_erasable
+
+    cfg, model = _model()
+    g = torch.Generator().manual_seed(4)
+    p = torch.randint(4, cfg.vocab_size, (5,), generator=g).tolist()
+    ecfg = E3RLConfig(segment_len=4, num_segments=3)
+    gens = generate_erasable(
+        Engine(model, eos_id=-1), [p] * 2, [0] * 2, SamplingParams(seed=2), E3RLPolicy(ecfg)
+    )
+    got = attention_shares(model, gens)
+    # by hand for rollout 0: average the full-attention layers' probabilities over heads
+    full = [
+        m for m in model.modules() if getattr(m, "window", "absent") is None and hasattr(m, "core_attention")
+    ]
+    probs = []
+    hooks = [
+        m.core_attention.scale_mask_softmax.register_forward_hook(lambda m_, a, o: probs.append(o))
+        for m in full
+    ]
+    seq = gens[0].prompt_ids + gens[0].response_ids
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([seq[:-1]]), torch.arange(len(seq) - 1)[None], None)
+    for h in hooks:
+        h.remove()
+    pm = torch.stack([x[0].mean(0) for x in probs]).mean(0)
+    q = pm[4 + 8 : 4 + 12]  # the queries producing the last segment's tokens (prompt of 5: offset 4)
+    want = [float(q[:, 5 + a : 5 + a + 4].sum(-1).mean()) for a in (0, 4, 8)]  # keys: the tokens
+    return {"got": got, "want": want, "layers": len(full)}
