@@ -68,6 +68,9 @@ class RLConfig:
     e3rl_penalty_growth: float = 0.5
     e3rl_history_power: float = 0.5
     e3rl_advantage_rule: str = "uniform"
+    # stop once this rank has sampled this many tokens (erased ones included; 0: run train.steps):
+    # compares rollout schemes at an equal sampling budget
+    max_tokens_sampled: int = 0
     # --- off-policy ---------------------------------------------------------------------------------------
     async_mode: bool = False  # generate step k+1 (on a synced inference replica) while training step k
     max_staleness: int = 1  # rollouts at most this many policy versions behind are trained on

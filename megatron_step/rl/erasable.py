@@ -13,10 +13,11 @@ bucket sits at the same cache position -- Megatron-Core's static cache keeps one
 2. The policy scores each row's segment (U_n) and compares it to a threshold Theta_n built from the
    statistics of U_n over the G rollouts of the same prompt (`groups`), the row's erasure count and
    its history (see `E3RLPolicy`).
-3. Rows to erase are rolled back to the segment's first position and regenerate it. Rows that are
-   adjacent in the batch regenerate together, as a contiguous batch slice of the same cache
-   (`batch_size_offset`): the kept prefix's keys/values are read where they are, nothing before the
-   segment is fed to the model again, and the other rows' cache entries are untouched. The logits that
+3. Rows to erase are rolled back to the segment's first position and regenerate it, together, as one
+   contiguous batch slice of the same cache (`batch_size_offset`): when they are not adjacent, cache
+   rows are swapped first (a copy of their keys/values, `_Bucket.gather`). The kept prefix's
+   keys/values are read where they are, nothing before the segment is fed to the model again, and the
+   other rows' cache entries are not written. The logits that
    predicted the segment's first token were kept at the boundary, so the first regenerated token
    needs no forward either. A regenerated segment is scored again (with the grown penalty) and may be
    erased again, up to K erasures per rollout (Erase@K).
@@ -171,17 +172,10 @@ class _Row:
     regenerated: int = 0
     prefix_reused: int = 0
     routing: list[torch.Tensor] = field(default_factory=list)  # per fed position: (layers, K)
-
-
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    """Sorted row indices -> maximal contiguous [a, b) runs."""
-    out: list[tuple[int, int]] = []
-    for i in idx:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
+    logits: torch.Tensor | None = None  # next-token logits
+    boundary: torch.Tensor | None = None  # logits that predicted the current segment's first token
+    u: float = 0.0  # U of the current segment
+    prev: float | None = None  # mean signal of the previous kept segment
 
 
 class _Bucket:
@@ -196,13 +190,13 @@ class _Bucket:
         gen: torch.Generator | None,
         record: bool,
     ):
-        self.engine, self.rows, self.params, self.policy, self.gen = engine, rows, params, policy, gen
+        self.engine, self.rows, self.params, self.policy, self.gen = engine, list(rows), params, policy, gen
         self.cfg = policy.cfg
         self.L = len(rows[0].prompt)
         self.cache = KVCache(len(rows), self.L + self.cfg.max_new_tokens)
         self.record = record and bool(engine.replays)
         self.stop = set(params.stop_ids) | {engine.eos_id}
-        self.logits: list[torch.Tensor | None] = [None] * len(rows)  # next-token logits per row
+        self.rows_moved = 0
 
     def forward(self, tokens_bS: torch.Tensor, a: int) -> torch.Tensor:
         """Feed rows [a, a + b) at the cache's current position; (b, S, V) logits."""
@@ -224,8 +218,8 @@ class _Bucket:
         toks = torch.tensor([r.prompt for r in self.rows])
         logits = self.forward(toks, 0)[:, -1]
         self.engine.stats["prefill_tokens"] += toks.numel()
-        for i in range(len(self.rows)):
-            self.logits[i] = logits[i]
+        for i, r in enumerate(self.rows):
+            r.logits = logits[i]
 
     def decode_segment(self, a: int, b: int) -> None:
         """Rows [a, b) (not done) sample one segment from their current logits, the cache positioned at
@@ -236,8 +230,7 @@ class _Bucket:
             if not r.done:
                 r.seg_starts.append(len(r.resp))
         for _ in range(S):
-            logits = torch.stack([self.logits[i] for i in range(a, b)])
-            tok, lp, ent = self.engine._sample(logits, self.params, self.gen)
+            tok, lp, ent = self.engine._sample(torch.stack([r.logits for r in rows]), self.params, self.gen)
             feed = []
             for j, r in enumerate(rows):
                 if r.done:
@@ -256,68 +249,79 @@ class _Bucket:
                 break
             out = self.forward(torch.tensor(feed)[:, None], a)[:, -1]
             self.engine.stats["decode_tokens"] += len(rows)
-            for j in range(b - a):
-                self.logits[a + j] = out[j]
+            for j, r in enumerate(rows):
+                r.logits = out[j]
 
-    def seg_signal(self, r: _Row) -> list[float]:
+    def gather(self, todo: list[_Row], upto: int) -> tuple[int, int]:
+        """Make the rows in `todo` one contiguous slice [a, b) of the batch by swapping cache rows
+        (keys/values of positions < upto move with their row: a copy, never a recomputation). Picks
+        the slice that needs the fewest swaps; adjacent rows (a prompt's group) usually need none."""
+        n, want = len(todo), {id(r) for r in todo}
+        inside = [id(r) in want for r in self.rows]
+        a = min(range(len(self.rows) - n + 1), key=lambda k: n - sum(inside[k : k + n]))
+        out_rows = [i for i, x in enumerate(inside) if x and not a <= i < a + n]
+        free = [i for i in range(a, a + n) if not inside[i]]
+        if out_rows:
+            src, dst = torch.tensor(out_rows + free), torch.tensor(free + out_rows)
+            for k, v in self.cache.ctx.key_value_memory_dict.values():
+                k[:upto, dst] = k[:upto, src]  # advanced indexing: the right side is a copy
+                v[:upto, dst] = v[:upto, src]
+            for i, j in zip(out_rows, free):
+                self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
+            self.rows_moved += 2 * len(out_rows)
+        return a, a + n
+
+    def score(self, r: _Row) -> float:
         s = r.seg_starts[-1]
-        return self.policy.token_signal(r.logp[s:], r.ent[s:])
+        return self.policy.uncertainty(self.policy.token_signal(r.logp[s:], r.ent[s:]), r.prev)
 
     def run(self) -> None:
         cfg = self.cfg
         self.prefill()
         for n in range(cfg.num_segments):
-            active = [i for i, r in enumerate(self.rows) if not r.done]
+            active = [r for r in self.rows if not r.done]
             if not active:
                 break
             start_pos = self.cache.length  # every active row is at this position
-            boundary = {i: self.logits[i].clone() for i in active}
+            for r in active:
+                r.boundary = r.logits.clone()
+                r.prev = None
+                if r.seg_starts:
+                    x = self.policy.token_signal(r.logp[r.seg_starts[-1] :], r.ent[r.seg_starts[-1] :])
+                    r.prev = sum(x) / len(x)
             self.decode_segment(0, len(self.rows))
-            u = {}
-            for i in active:
-                r = self.rows[i]
-                prev = None
-                if len(r.seg_starts) > 1:
-                    p0, p1 = r.seg_starts[-2], r.seg_starts[-1]
-                    prev_x = self.policy.token_signal(r.logp[p0:p1], r.ent[p0:p1])
-                    prev = sum(prev_x) / len(prev_x)
-                u[i] = (self.policy.uncertainty(self.seg_signal(r), prev), prev)
-            groups = [self.rows[i].group for i in active]
-            hist = [self.rows[i].seg_u[:] for i in active]
+            for r in active:
+                r.u = self.score(r)
+            groups = [r.group for r in active]
+            hist = [r.seg_u[:] for r in active]
             erase, thetas, stats = self.policy.decide(
-                [u[i][0] for i in active], groups, [self.rows[i].erasures for i in active], hist
+                [r.u for r in active], groups, [r.erasures for r in active], hist
             )
             while any(erase):
-                todo = [i for i, e in zip(active, erase) if e]
-                for i, th in zip(active, thetas):
-                    if i in todo:
-                        r = self.rows[i]
-                        s = r.seg_starts.pop()
-                        r.erased.append({"segment": n, "tokens": r.resp[s:], "u": u[i][0], "theta": th})
-                        r.regenerated += len(r.resp) - s
-                        r.prefix_reused += start_pos
-                        del r.resp[s:], r.logp[s:], r.ent[s:]
-                        del r.routing[start_pos:]
-                        r.done, r.finish = False, "length"
-                        r.erasures += 1
-                        self.logits[i] = boundary[i].clone()
-                for a, b in _runs(todo):
-                    # rows of the run outside `todo` cannot exist (runs are built from todo)
-                    self.cache.ctx.sequence_len_offset = start_pos
-                    self.decode_segment(a, b)
-                for i in todo:
-                    r = self.rows[i]
-                    u[i] = (self.policy.uncertainty(self.seg_signal(r), u[i][1]), u[i][1])
+                todo = [r for r, e in zip(active, erase) if e]
+                for r, e, th in zip(active, erase, thetas):
+                    if not e:
+                        continue
+                    s = r.seg_starts.pop()
+                    r.erased.append({"segment": n, "tokens": r.resp[s:], "u": r.u, "theta": th})
+                    r.regenerated += len(r.resp) - s
+                    r.prefix_reused += start_pos
+                    del r.resp[s:], r.logp[s:], r.ent[s:]
+                    del r.routing[start_pos:]
+                    r.done, r.finish = False, "length"
+                    r.erasures += 1
+                    r.logits = r.boundary.clone()
+                a, b = self.gather(todo, start_pos + cfg.segment_len)
+                self.cache.ctx.sequence_len_offset = start_pos
+                self.decode_segment(a, b)
+                for r in todo:
+                    r.u = self.score(r)
                 erase, thetas, _ = self.policy.decide(
-                    [u[i][0] for i in active],
-                    groups,
-                    [self.rows[i].erasures for i in active],
-                    hist,
-                    stats=stats,
+                    [r.u for r in active], groups, [r.erasures for r in active], hist, stats=stats
                 )
-                erase = [e and i in todo for i, e in zip(active, erase)]
-            for i in active:
-                self.rows[i].seg_u.append(u[i][0])
+                erase = [e and any(r is x for x in todo) for r, e in zip(active, erase)]
+            for r in active:
+                r.seg_u.append(r.u)
             # every row still going fed the whole segment (first pass or regeneration): realign the
             # shared length on them
             self.cache.ctx.sequence_len_offset = start_pos + cfg.segment_len
@@ -381,6 +385,7 @@ def generate_erasable(
     engine.last_kv = {
         "used_bytes": sum(b.cache.used_bytes() for b in buckets),
         "allocated_bytes": sum(b.cache.allocated_bytes() for b in buckets),
+        "rows_moved": sum(b.rows_moved for b in buckets),  # cache rows swapped to batch regenerations
     }
     return out
 

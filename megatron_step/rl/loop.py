@@ -523,14 +523,17 @@ def train_rl(cfg: RunConfig) -> dict:
                     "staleness/max": float(max(stale)),
                     "staleness/dropped groups": float(buffer.dropped_stale),
                     "weight sync seconds": sync_s,
-                    "tokens sampled/cumulative (this rank)": float(rollouts.tokens_sampled),
+                    "tokens sampled/cumulative per rank": float(rollouts.tokens_sampled),
                     "step seconds": time.perf_counter() - t0,
                 }
             )
             metrics = _mean_over_dp(metrics)
             metrics["staleness/max"] = float(max(stale))
             rewards_curve.append((step + 1, metrics.get("reward/mean", float("nan"))))
-            if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
+            # the DP mean (the same number on every rank), so all ranks stop at the same step
+            budget_used = metrics["tokens sampled/cumulative per rank"]
+            last = step + 1 == t.steps or 0 < r.max_tokens_sampled <= budget_used
+            if t.eval_interval and ((step + 1) % t.eval_interval == 0 or last):
                 acc = rollouts.heldout_accuracy()
                 accuracy.append((step + 1, acc))
                 tokens_at_eval.append((step + 1, rollouts.tokens_sampled))
@@ -548,10 +551,14 @@ def train_rl(cfg: RunConfig) -> dict:
                     f"mismatch_kl {g('loss/mismatch_kl', 0):.2e} mask(token/traj) "
                     f"{g('loss/token_mask_rate', 0):.3f}/{g('loss/traj_mask_rate', 0):.3f}"
                 )
-            if (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
+            if (t.save_interval and (step + 1) % t.save_interval == 0) or last:
                 checkpoint.save_checkpoint(
                     t.run_dir, step + 1, chunks, optimizer, scheduler, {"rl_version": version}
                 )
+            if last:
+                if step + 1 < t.steps:
+                    monitor.message(f"step {step + 1}: rl.max_tokens_sampled={r.max_tokens_sampled} used")
+                break
     finally:
         if gen is not None:
             gen.close()

@@ -17,11 +17,17 @@ class ForcedPolicy(E3RLPolicy):
     """Erases every rollout of `group` at segment `at` (its second kept segment when at=1), `times`
     times: erasures at a known place, whatever the uncertainties are."""
 
-    def __init__(self, cfg, group=1, at=1, times=2):
+    def __init__(self, cfg, group=1, at=1, times=2, pick=None):
         super().__init__(cfg)
-        self.group, self.at, self.times = group, at, times
+        self.group, self.at, self.times, self.pick = group, at, times, pick
 
     def decide(self, u, groups, erasures, histories, stats=None):
+        if self.pick is not None:  # rows by their place in the batch (non-adjacent: cache rows move)
+            erase = [
+                i in self.pick and len(h) == self.at and e < self.times
+                for i, (e, h) in enumerate(zip(erasures, histories))
+            ]
+            return erase, [0.0] * len(u), stats or {}
         erase = [
             g == self.group and len(h) == self.at and e < self.times
             for g, e, h in zip(groups, erasures, histories)
@@ -125,6 +131,44 @@ def erase_and_reuse(rank, world_size):
         "replay_logp_diff": (logp[m] - batch["rollout_logp"][m]).abs().max().item(),
         "routing_rows": [x.routing[0].shape[0] for x in gens],
         "expected_routing_rows": [len(x.prompt_ids) + len(x.response_ids) - 1 for x in gens],
+    }
+
+
+def scattered_erasures(rank, world_size):
+    """Rows 1 and 4 of one bucket erase (not adjacent: the cache rows are swapped to regenerate them
+    as one slice). Kept log-probs must still equal a from-scratch forward; no position before the
+    rolled-back segment is fed twice to any cache row."""
+    from megatron_step.rl.engine import Engine, SamplingParams
+    from megatron_step.rl.erasable import generate_erasable
+
+    cfg, model = _model()
+    g = torch.Generator().manual_seed(5)
+    p = torch.randint(4, cfg.vocab_size, (6,), generator=g).tolist()
+    ecfg = E3RLConfig(segment_len=4, num_segments=4, max_erasures=1)
+    engine = Engine(model, eos_id=-1)
+    fed, hook = _capture_positions(model)
+    gens = generate_erasable(
+        engine, [p] * 6, [0] * 6, SamplingParams(seed=3), ForcedPolicy(ecfg, at=2, times=1, pick={1, 4})
+    )
+    hook.remove()
+    counts: dict[int, Counter] = {}
+    for _, row, pos in fed:
+        counts.setdefault(row, Counter()).update(pos)
+    rollback = 6 + 2 * 4
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for gen in gens:
+            seq = gen.prompt_ids + gen.response_ids
+            x = torch.tensor([seq[:-1]])
+            lp = torch.log_softmax(model(x, torch.arange(x.shape[1])[None], None).float()[0, 5:], -1)
+            got = lp.gather(-1, torch.tensor(gen.response_ids)[:, None]).squeeze(-1)
+            worst = max(worst, (got - torch.tensor(gen.logprobs)).abs().max().item())
+    return {
+        "erasures": [x.info["erasures"] for x in gens],
+        "rows_moved": engine.last_kv["rows_moved"],
+        "prefix_recomputed": sum(n - 1 for c in counts.values() for q, n in c.items() if q < rollback),
+        "max_logp_diff": worst,
     }
 
 

@@ -28,10 +28,21 @@ def test_erasure_reuses_the_prefix_cache_and_matches_a_fresh_forward():
 
 
 @pytest.mark.distributed
+def test_scattered_erasures_regenerate_as_one_slice_after_moving_cache_rows():
+    out = run_distributed(_erasable_bodies.scattered_erasures, 1)[0]
+    assert out["erasures"] == [0, 1, 0, 0, 1, 0]
+    assert out["rows_moved"] == 2  # row 4 swapped next to row 1 (or the other way round)
+    assert out["prefix_recomputed"] == 0
+    assert out["max_logp_diff"] <= 1e-4, out
+
+
+@pytest.mark.distributed
 def test_kv_bytes_after_erasures_equal_a_plain_rollout():
     out = run_distributed(_erasable_bodies.memory_after_erasures, 1)[0]
     assert out["erasures"] == [3, 3, 3, 3]
     assert out["lengths"] == out["plain_lengths"] == [20] * 4
+    rows_moved = out["erasable"].pop("rows_moved")
+    assert rows_moved == 0  # the whole group erases: already one slice
     assert out["erasable"] == out["plain"], out
 
 

@@ -1,0 +1,209 @@
+"""RL runs side by side from one warm-up checkpoint: held-out accuracy curves (vs step and vs sampled
+tokens), a Markdown table and a PNG. Two suites:
+
+    python -m megatron_step.benchmarks.rl_compare --suite demo     # issue 7: sync (3 seeds) + async cap 1
+    python -m megatron_step.benchmarks.rl_compare --suite e3rl     # E3RL vs plain GRPO, equal token budget
+
+demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 9), sync MIS-PO for three
+seeds and async with staleness cap 1, every run `--steps` RL steps.
+e3rl: the long task (2-3 steps, operands <= 5, 40 new tokens = 5 segments of 8), plain GRPO rollouts
+vs E3RL rollouts for each seed, both stopped at the same number of sampled tokens
+(`rl.max_tokens_sampled`; erased tokens count), same checkpoint, same loss (GRPO clip).
+
+The warm-up runs once per suite (alone), then runs go two at a time, one thread each (so both arms of
+a pair see the same contention). A run's train.seed sets its prompts, sampling and held-out set (the
+held-out set is drawn from the seed), so compare arms within a seed. Results already in <out> are
+reused; delete <out>/<name>.json to rerun one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEMO_TASK: list[str] = []
+LONG_TASK = [
+    "rl.task_min_steps=2",
+    "rl.task_max_steps=3",
+    "rl.task_max_operand=5",
+    "rl.max_new_tokens=40",
+    "rl.e3rl_segment_len=8",
+    "rl.e3rl_num_segments=5",
+]
+
+
+def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
+    """(common overrides, run name -> its own overrides)."""
+    seeds = [1234, 1235, 1236][: args.seeds]
+    if name == "demo":
+        common = [*DEMO_TASK, f"train.steps={args.steps}", "train.eval_interval=10"]
+        runs = {f"sync-seed{s}": [f"train.seed={s}"] for s in seeds}
+        runs["async-cap1-seed1234"] = ["train.seed=1234", "rl.async_mode=true", "rl.max_staleness=1"]
+        return common, runs
+    if name == "e3rl":
+        common = [
+            *LONG_TASK,
+            "rl.loss=grpo",
+            f"train.steps={args.steps}",
+            f"rl.max_tokens_sampled={args.budget}",
+            "train.eval_interval=10",
+        ]
+        runs = {}
+        for s in seeds:
+            runs[f"grpo-seed{s}"] = [f"train.seed={s}"]
+            runs[f"e3rl-seed{s}"] = [f"train.seed={s}", "rl.rollout=e3rl"]
+        return common, runs
+    raise ValueError(f"--suite {name!r}: one of demo, e3rl")
+
+
+def run_one(overrides: list[str], result_path: str) -> None:
+    """One RL run in this process (1 thread); writes its curves as JSON."""
+    import torch
+
+    torch.set_num_threads(1)
+    from megatron_step import platform
+    from megatron_step.config.run import load_run_config
+    from megatron_step.rl.loop import train_rl
+
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", overrides)
+    t0 = time.time()
+    try:
+        out = train_rl(cfg)
+    finally:
+        platform.teardown()
+    res = {
+        "overrides": overrides,
+        "accuracy": out["accuracy"],
+        "tokens_sampled": out["tokens_sampled"],
+        "reward": out["reward"],
+        "max_staleness": max(out["staleness"], default=0),
+        "seconds": time.time() - t0,
+    }
+    with open(result_path, "w") as f:
+        json.dump(res, f)
+
+
+def _launch(name: str, overrides: list[str], out: str) -> tuple[subprocess.Popen, str]:
+    path = os.path.join(out, f"{name}.json")
+    cmd = [sys.executable, "-m", "megatron_step.benchmarks.rl_compare", "--one", json.dumps(overrides)]
+    cmd += ["--result", path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(os.path.join(out, f"{name}.log"), "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path
+
+
+def _run_all(jobs: dict[str, list[str]], out: str, parallel: int) -> dict[str, dict]:
+    results, pending, running = {}, [], []
+    for name, ov in jobs.items():
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+        else:
+            pending.append((name, ov))
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, ov = pending.pop(0)
+            proc, path = _launch(name, ov, out)
+            running.append((name, proc, path))
+            print(f"[{time.time() - t0:6.0f}s] start {name}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            name, proc, path = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0 or not os.path.exists(path):
+                print(f"[{time.time() - t0:6.0f}s] FAILED {name} (see {out}/{name}.log)", flush=True)
+                results[name] = {"failed": True}
+                continue
+            with open(path) as f:
+                results[name] = json.load(f)
+            acc = results[name]["accuracy"]
+            print(f"[{time.time() - t0:6.0f}s] done {name}: {acc[0][1]:.3f} -> {acc[-1][1]:.3f}", flush=True)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| run | held-out accuracy: start | end | best | steps | tokens sampled | max staleness | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        if r.get("failed"):
+            lines.append(f"| {name} | failed | | | | | | |")
+            continue
+        acc = r["accuracy"]
+        best = max(a for _, a in acc)
+        lines.append(
+            f"| {name} | {acc[0][1]:.3f} | {acc[-1][1]:.3f} | {best:.3f} | {acc[-1][0]} | "
+            f"{r['tokens_sampled'][-1][1]} | {r['max_staleness']} | {r['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str, x: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        if r.get("failed"):
+            continue
+        steps = [s for s, _ in r["accuracy"]]
+        xs = steps if x == "step" else [t for _, t in r["tokens_sampled"]]
+        ax.plot(xs, [a for _, a in r["accuracy"]], marker="o", label=name)
+    ax.set_xlabel("RL step" if x == "step" else "tokens sampled (erased included)")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="demo", choices=("demo", "e3rl"))
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--budget", type=int, default=120_000, help="e3rl suite: tokens sampled per run")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--out", default=None, help="default runs/rl_compare_<suite>")
+    ap.add_argument("--png", default=None, help="default <out>/<suite>.png")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        run_one(json.loads(args.one), args.result)
+        return
+    out = args.out or f"runs/rl_compare_{args.suite}"
+    os.makedirs(out, exist_ok=True)
+    common, runs = suite(args.suite, args)
+    common = [*common, f"rl.init_from={out}/sft", f"data.data_dir={out}/data"]
+    # the warm-up alone first (every run then loads it), as a 1-step run of the first job
+    first = next(iter(runs))
+    from megatron_step.training.checkpoint import latest_step
+
+    if latest_step(f"{out}/sft") is None:
+        print("supervised warm-up ...", flush=True)
+        warm = [*common, *runs[first], "train.steps=1", f"train.run_dir={out}/warmup"]
+        _run_all({"warmup": warm}, out, 1)
+    jobs = {n: [*common, *ov, f"train.run_dir={out}/{n}"] for n, ov in runs.items()}
+    results = _run_all(jobs, out, args.parallel)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    png = args.png or os.path.join(out, f"{args.suite}.png")
+    plot(results, png, "tokens" if args.suite == "e3rl" else "step")
+    print(table(results))
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
