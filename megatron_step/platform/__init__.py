@@ -27,11 +27,13 @@ from megatron_step.platform.capabilities import Capabilities, detect
 __all__ = [
     "Capabilities",
     "DistEnv",
+    "compute_device",
     "detect",
     "free_port",
     "seed_everything",
     "setup",
     "teardown",
+    "to_device",
 ]
 
 
@@ -145,6 +147,25 @@ def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> D
         _warm_gloo_threads()
     device = torch.device("cuda", torch.cuda.current_device()) if caps.cuda else torch.device("cpu")
     return DistEnv(rank, world_size, local_rank, device, caps.backend, parallel, caps, patched)
+
+
+def compute_device() -> torch.device:
+    """Where models live and batches must go: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if detect().cuda else torch.device("cpu")
+
+
+def to_device(obj, device: torch.device | None = None):
+    """`obj` with every tensor inside (dicts, lists, tuples, nested) moved to `device` (default:
+    `compute_device()`). Data pipelines build batches on the CPU; on a CUDA machine the forward step
+    moves them here. A no-op for tensors already there (the CPU path)."""
+    device = device or compute_device()
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def teardown() -> None:

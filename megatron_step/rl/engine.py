@@ -124,6 +124,7 @@ class Engine:
         self.replays = _routers(model)
         self.has_mtp = bool(getattr(model, "mtp_process", False))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
+        self.device = next(model.parameters()).device
         self.last_kv: dict[str, int] = {}  # KV-cache bytes of the last generate call (used, allocated)
 
     # -- low level: one forward through the cache ----------------------------------------------------
@@ -136,6 +137,7 @@ class Engine:
         Megatron-Core's static cache takes a multi-token chunk only as the first (prefill) call --
         later calls drop the causal mask (decode semantics) -- so a chunk fed into a non-empty cache
         (after a truncation, or to teacher-force kept tokens) goes one position per call."""
+        tokens_BS = tokens_BS.to(self.device)
         b, s = tokens_BS.shape
         if cache.length + s > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + s}")
@@ -155,8 +157,16 @@ class Engine:
         cache.ctx.sequence_len_offset += s
         if record:
             # the router sees tokens flattened from (S, B, H): row = s * B + b
-            routing.append([r.get_recorded_indices().view(s, b, -1).clone() for r in self.replays])
+            routing.append(
+                [r.get_recorded_indices().view(s, b, -1).to("cpu", copy=True) for r in self.replays]
+            )
         return logits.float()
+
+    def generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The sampling generator for `params.seed` (None: torch's global RNG), on the logits' device."""
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(params.seed)
 
     # -- sampling ---------------------------------------------------------------------------------------
     @staticmethod
@@ -201,7 +211,7 @@ class Engine:
         lo, hi = min(lens), max(lens)
         cache = KVCache(b, hi + params.max_new_tokens)
         stop = set(params.stop_ids) | {self.eos_id}
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        gen = self.generator(params)
         routing = [] if record_routing and self.replays else None
         out = [Generation(list(p), [], [], [], "length") for p in prompts]
         done = [False] * b

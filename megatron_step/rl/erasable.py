@@ -348,7 +348,7 @@ def generate_erasable(
     t0 = time.perf_counter()
     was_training = engine.model.training
     engine.model.eval()
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    gen = engine.generator(params)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
@@ -444,9 +444,10 @@ def attention_shares(model, gens: list[Generation]) -> list[list[float]]:
             if len(seq) < 2:
                 out.append([1.0])
                 continue
-            x = torch.tensor([seq[:-1]])
+            dev = next(model.parameters()).device
+            x = torch.tensor([seq[:-1]], device=dev)
             probs.clear()
-            model(x, torch.arange(x.shape[1])[None], None)
+            model(x, torch.arange(x.shape[1], device=dev)[None], None)
             p = torch.stack([q[0].float().mean(0) for q in probs]).mean(0)  # (sq, sk): heads, layers
             lp = len(g.prompt_ids)
             # response token t is produced by the query at position lp - 1 + t and is the key at lp + t

@@ -176,9 +176,9 @@ def _mean_over_dp(values: dict) -> dict:
     if not values or _dp()[0] == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=platform.compute_device())
     dist.all_reduce(t, group=ps.get_data_parallel_group())
-    return {k: float(v) / _dp()[0] for k, v in zip(keys, t)}
+    return {k: float(v) / _dp()[0] for k, v in zip(keys, t.tolist())}
 
 
 class Rollouts:
@@ -321,6 +321,7 @@ class Rollouts:
             ]
         )
         if dp > 1:
+            hits = hits.to(platform.compute_device())  # NCCL moves only CUDA tensors
             dist.all_reduce(hits, group=ps.get_data_parallel_group())
         return float(hits[0] / hits[1])
 
@@ -351,7 +352,10 @@ def policy_update(
         if not r.reward_failed  # a failed reward scores 0 in its group's statistics but is not trained on
     ]
     mbs = cfg.train.micro_batch_size
-    micro = [pack(items[i : i + mbs], replay=cfg.rl.routing_replay) for i in range(0, len(items), mbs)]
+    micro = [
+        platform.to_device(pack(items[i : i + mbs], replay=cfg.rl.routing_replay))
+        for i in range(0, len(items), mbs)
+    ]
     t0 = time.perf_counter()
     with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
         for b in micro:

@@ -35,7 +35,7 @@ class RewardModel(torch.nn.Module):
     def __init__(self, backbone, hidden_size: int, model_config: dict | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
+        self.head = torch.nn.Linear(hidden_size, 1, device=next(backbone.parameters()).device)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.model_config = model_config or {}
@@ -51,10 +51,12 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         """(B,) scores of right-padded sequences with the given lengths."""
+        dev = self.head.weight.device
+        tokens_BS, lengths_B = tokens_BS.to(dev), lengths_B.to(dev)
         b, s = tokens_BS.shape
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
         self.backbone(tokens_BS, pos, None)
-        h_BH = self._hidden[lengths_B - 1, torch.arange(b)]
+        h_BH = self._hidden[lengths_B - 1, torch.arange(b, device=dev)]
         self._hidden = None
         return self.head(h_BH.float()).squeeze(-1)
 
@@ -68,7 +70,9 @@ class RewardModel(torch.nn.Module):
         from megatron_step.models.step_flash import build_step_flash
         from megatron_step.models.step_flash.config import StepFlashConfig
 
-        blob = torch.load(path, weights_only=True)  # our own dict of tensors and plain values
+        blob = torch.load(
+            path, map_location="cpu", weights_only=True
+        )  # our own dict of tensors, plain values
         cfg = StepFlashConfig(**blob["model_config"])
         rm = cls.from_backbone(build_step_flash(cfg, parallel or ParallelConfig()), blob["model_config"])
         rm.load_state_dict(blob["state"])

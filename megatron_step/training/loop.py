@@ -139,7 +139,10 @@ def _dp_mean(values: list[torch.Tensor]) -> float | None:
 
 
 def _broadcast_from_last_stage(value: float | None) -> float:
-    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
+    # on the compute device: NCCL moves only CUDA tensors
+    t = torch.tensor(
+        [value if value is not None else 0.0], dtype=torch.float64, device=platform.compute_device()
+    )
     src = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
     return t.item()

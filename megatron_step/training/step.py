@@ -11,9 +11,12 @@ import torch
 
 
 def lm_forward_step(data_iterator, model):
+    from megatron_step.platform import to_device
+
     batch = next(data_iterator)
     if not isinstance(batch, dict):
         batch = {"tokens": batch[0], "labels": batch[1]}
+    batch = to_device(batch)  # batches are built on the CPU; a no-op there
     tokens, labels = batch["tokens"], batch["labels"]
     pos = batch.get("position_ids")
     if pos is None:

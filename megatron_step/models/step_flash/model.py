@@ -148,6 +148,11 @@ def build_step_flash(
     )
     if getattr(model, "mtp_process", False):
         weight_mtp_depths(model.mtp, cfg.mtp_loss_weights, base_scale=1.0 / cfg.mtp_num_layers)
+    if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
+        # Megatron-Core's own layers allocate on the current device, but some parameters are made
+        # on the CPU (our norms, per-layer RoPE tables): one model, one device. Megatron-Core's DDP
+        # would move them when it builds its buffers; inference/reward models are not wrapped.
+        model.cuda(torch.cuda.current_device())
     return model
 
 
