@@ -26,9 +26,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
+
+from megatron_step.benchmarks.jobs import run_jobs
 
 SWEEP = {
     "adamw": ("adam", {}, [1e-3, 3e-3, 1e-2]),
@@ -82,45 +81,16 @@ def run_one(overrides: list[str], run_dir: str, result_path: str) -> None:
         json.dump(res, f)
 
 
-def _launch(name: str, overrides: list[str], args) -> tuple[subprocess.Popen, str]:
-    path = os.path.join(args.out, f"{name}.json")
-    cmd = [sys.executable, "-m", "megatron_step.benchmarks.optim_compare", "--one", json.dumps(overrides)]
-    cmd += ["--run-dir", os.path.join(args.out, "runs", name), "--result", path]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(os.path.join(args.out, f"{name}.log"), "w") as log:  # the child keeps its own handle
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path
-
-
 def _run_all(jobs: dict[str, list[str]], args) -> dict[str, dict]:
     """Run `jobs` (name -> overrides) `args.parallel` at a time; skip those already done."""
-    results, pending, running = {}, list(jobs.items()), []
-    for name, ov in list(pending):
-        path = os.path.join(args.out, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name] = json.load(f)
-            pending.remove((name, ov))
-    t0 = time.time()
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            name, ov = pending.pop(0)
-            proc, path = _launch(name, ov, args)
-            running.append((name, proc, path))
-            print(f"[{time.time() - t0:6.0f}s] start {name}", flush=True)
-        time.sleep(2)
-        for item in list(running):
-            name, proc, path = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode != 0 or not os.path.exists(path):
-                print(f"[{time.time() - t0:6.0f}s] FAILED {name} (see {args.out}/{name}.log)", flush=True)
-                results[name] = {"failed": True, "overrides": jobs[name]}
-                continue
-            with open(path) as f:
-                results[name] = json.load(f)
-            print(f"[{time.time() - t0:6.0f}s] done {name}: val {results[name]['val_loss']:.4f}", flush=True)
-    return results
+    return run_jobs(
+        jobs,
+        args.out,
+        args.parallel,
+        "megatron_step.benchmarks.optim_compare",
+        summary=lambda r: f"val {r['val_loss']:.4f}",
+        extra=lambda name: ["--run-dir", os.path.join(args.out, "runs", name)],
+    )
 
 
 def _best(results: dict, prefix: str) -> str | None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
+
+from megatron_step.benchmarks.jobs import run_jobs
 
 DEMO_TASK: list[str] = []
 LONG_TASK = [
@@ -31,8 +31,8 @@ LONG_TASK = [
     "rl.task_max_steps=3",
     "rl.task_max_operand=5",
     "rl.max_new_tokens=40",
-    "rl.e3rl_segment_len=8",
-    "rl.e3rl_num_segments=5",
+    "rl.e3rl.segment_len=8",
+    "rl.e3rl.num_segments=5",
 ]
 
 
@@ -87,46 +87,11 @@ def run_one(overrides: list[str], result_path: str) -> None:
         json.dump(res, f)
 
 
-def _launch(name: str, overrides: list[str], out: str) -> tuple[subprocess.Popen, str]:
-    path = os.path.join(out, f"{name}.json")
-    cmd = [sys.executable, "-m", "megatron_step.benchmarks.rl_compare", "--one", json.dumps(overrides)]
-    cmd += ["--result", path]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(os.path.join(out, f"{name}.log"), "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), path
-
-
 def _run_all(jobs: dict[str, list[str]], out: str, parallel: int) -> dict[str, dict]:
-    results, pending, running = {}, [], []
-    for name, ov in jobs.items():
-        path = os.path.join(out, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name] = json.load(f)
-        else:
-            pending.append((name, ov))
-    t0 = time.time()
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, ov = pending.pop(0)
-            proc, path = _launch(name, ov, out)
-            running.append((name, proc, path))
-            print(f"[{time.time() - t0:6.0f}s] start {name}", flush=True)
-        time.sleep(2)
-        for item in list(running):
-            name, proc, path = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode != 0 or not os.path.exists(path):
-                print(f"[{time.time() - t0:6.0f}s] FAILED {name} (see {out}/{name}.log)", flush=True)
-                results[name] = {"failed": True}
-                continue
-            with open(path) as f:
-                results[name] = json.load(f)
-            acc = results[name]["accuracy"]
-            print(f"[{time.time() - t0:6.0f}s] done {name}: {acc[0][1]:.3f} -> {acc[-1][1]:.3f}", flush=True)
-    return results
+    def summary(r):
+        return f"{r['accuracy'][0][1]:.3f} -> {r['accuracy'][-1][1]:.3f}"
+
+    return run_jobs(jobs, out, parallel, "megatron_step.benchmarks.rl_compare", summary=summary)
 
 
 def table(results: dict) -> str:
@@ -177,6 +142,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", default=None, help="default runs/rl_compare_<suite>")
     ap.add_argument("--png", default=None, help="default <out>/<suite>.png")
+    ap.add_argument("--set", action="append", default=[], help="extra override for every run (repeat)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -186,7 +152,7 @@ def main(argv=None) -> None:
     out = args.out or f"runs/rl_compare_{args.suite}"
     os.makedirs(out, exist_ok=True)
     common, runs = suite(args.suite, args)
-    common = [*common, f"rl.init_from={out}/sft", f"data.data_dir={out}/data"]
+    common = [*common, *args.set, f"rl.init_from={out}/sft", f"data.data_dir={out}/data"]
     # the warm-up alone first (every run then loads it), as a 1-step run of the first job
     first = next(iter(runs))
     from megatron_step.training.checkpoint import latest_step

@@ -8,7 +8,60 @@ Defaults are for the embedded arithmetic task on the tiny preset, sized to finis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class E3RLConfig:
+    """E3RL knobs. The paper (DESIGN.md §5) publishes the structure (segments, smoothed mean + max +
+    rate of change, group-adaptive threshold, exponential erasure penalty, Erase@K with K=5 best,
+    16 x 512-token segments at full scale) but not the weights; those defaults are ours, reasons
+    inline. The defaults for segment_len/num_segments fit the tiny CPU arithmetic task."""
+
+    segment_len: int = 8  # S tokens per segment (paper: 512 at full scale)
+    num_segments: int = 5  # N segments: S * N must equal rl.max_new_tokens (40 by default; paper: 16)
+    max_erasures: int = 5  # K: Erase@K (paper's best K)
+    # token uncertainty: "cross_entropy" (-log p of the sampled token, the paper's signal) or
+    # "entropy" (of the whole sampling distribution)
+    signal: str = "cross_entropy"
+    smooth_window: int = 4  # sliding window of the smoothed mean (tokens); ours: half a tiny segment
+    # U_n = w_mean * mean(smoothed) + w_max * max + w_rate * max(0, mean_n - mean_{n-1}); ours: the
+    # mean carries the level, the max a single derailing token (a quarter weight: one token alone
+    # should rarely erase a segment), the rise a jump against the previous kept segment
+    w_mean: float = 1.0
+    w_max: float = 0.25
+    w_rate: float = 0.5
+    # Theta_n = (mu_g + threshold_std * sigma_g) * (1 + penalty_growth) ** erasures * history
+    # mu_g, sigma_g: U_n over the group's rollouts that reached segment n (first pass). 1 std: erase
+    # about the top sixth of segments when U is roughly normal; growth 0.5: the 5th erasure needs a
+    # U 7.6x the first one's threshold, so K is rarely reached on noise alone
+    threshold_std: float = 1.0
+    penalty_growth: float = 0.5
+    # history = (mean U of this rollout's kept segments / the group's mean of the same) ** history_power
+    # (1 at n = 0): a rollout uncertain all along gets a higher bar, so erasures go to local spikes
+    # rather than to hard prompts; ours
+    history_power: float = 0.5
+    # segment-level advantages (see `segment_advantages`): "uniform" (every kept token gets the
+    # sequence advantage: plain GRPO credit) or "attention" (scaled by the attention share each segment
+    # gets from the final segment)
+    advantage_rule: str = "uniform"
+
+    def __post_init__(self):
+        for name in ("segment_len", "num_segments", "smooth_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.e3rl.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_erasures < 0:
+            raise ValueError(f"rl.e3rl.max_erasures={self.max_erasures}: must be >= 0")
+        if self.signal not in ("cross_entropy", "entropy"):
+            raise ValueError(f"rl.e3rl.signal={self.signal!r}: one of cross_entropy, entropy")
+        if self.advantage_rule not in ("uniform", "attention"):
+            raise ValueError(f"rl.e3rl.advantage_rule={self.advantage_rule!r}: one of uniform, attention")
+        if self.penalty_growth < 0:
+            raise ValueError(f"rl.e3rl.penalty_growth={self.penalty_growth}: must be >= 0")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.segment_len * self.num_segments
 
 
 @dataclass
@@ -54,20 +107,9 @@ class RLConfig:
     reward_model: str | None = None
     preference_weight: float = 0.5
     length_penalty: float = 0.1
-    # --- erasable rollouts (megatron_step.rl.erasable; fields map to E3RLConfig without "e3rl_") ---
+    # --- erasable rollouts (megatron_step.rl.erasable) ---------------------------------------------
     rollout: str = "plain"  # plain | e3rl
-    e3rl_segment_len: int = 8  # max_new_tokens = segment_len * num_segments in e3rl mode
-    e3rl_num_segments: int = 5
-    e3rl_max_erasures: int = 5
-    e3rl_signal: str = "cross_entropy"
-    e3rl_smooth_window: int = 4
-    e3rl_w_mean: float = 1.0
-    e3rl_w_max: float = 0.25
-    e3rl_w_rate: float = 0.5
-    e3rl_threshold_std: float = 1.0
-    e3rl_penalty_growth: float = 0.5
-    e3rl_history_power: float = 0.5
-    e3rl_advantage_rule: str = "uniform"
+    e3rl: E3RLConfig = field(default_factory=E3RLConfig)  # override as rl.e3rl.<field>=value
     # stop once this rank has sampled this many tokens (erased ones included; 0: run train.steps):
     # compares rollout schemes at an equal sampling budget
     max_tokens_sampled: int = 0
@@ -89,21 +131,13 @@ class RLConfig:
             raise ValueError(f"rl.loss={self.loss!r}: one of grpo, tis, mispo")
         if self.rollout not in ("plain", "e3rl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
-        if self.rollout == "e3rl":
-            self.e3rl()  # validates the e3rl_ fields
+        if isinstance(self.e3rl, dict):  # from YAML: rl: {e3rl: {segment_len: 8, ...}}
+            bad = set(self.e3rl) - {f.name for f in fields(E3RLConfig)}
+            if bad:
+                raise ValueError(f"rl.e3rl.{sorted(bad)[0]}: unknown field of E3RLConfig")
+            self.e3rl = E3RLConfig(**self.e3rl)
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
 
-    def e3rl(self):
-        from megatron_step.rl.erasable import E3RLConfig
 
-        return E3RLConfig(
-            **{
-                f[len("e3rl_") :]: getattr(self, f)
-                for f in self.__dataclass_fields__
-                if f.startswith("e3rl_")
-            }
-        )
-
-
-__all__ = ["RLConfig"]
+__all__ = ["E3RLConfig", "RLConfig"]

@@ -13,6 +13,7 @@ overrides from the command line.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,7 +202,15 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
             raise ValueError(f"override {item!r}: expected key=value, e.g. train.steps=20")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        if parts[0] in _SECTIONS and len(parts) == 2:
+        if parts[0] in _SECTIONS and len(parts) == 3:  # a nested section, e.g. rl.e3rl.segment_len
+            sub = typing.get_type_hints(_SECTIONS[parts[0]]).get(parts[1])
+            if sub is None or not dataclasses.is_dataclass(sub):
+                raise ValueError(f"override {key}: {parts[0]}.{parts[1]} is not a nested section")
+            hints = {f.name: f.type for f in dataclasses.fields(sub)}
+            if parts[2] not in hints:
+                raise ValueError(f"override {key}: {sub.__name__} has no field {parts[2]!r}")
+            raw.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = _coerce(value, hints[parts[2]])
+        elif parts[0] in _SECTIONS and len(parts) == 2:
             cls = _SECTIONS[parts[0]]
             hints = {f.name: f.type for f in dataclasses.fields(cls)}
             if parts[1] not in hints:

@@ -39,60 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.utils import InferenceMode
 
+from megatron_step.config.rl import E3RLConfig
 from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
-
-
-@dataclass
-class E3RLConfig:
-    """E3RL knobs. The paper (DESIGN.md §5) publishes the structure (segments, smoothed mean + max +
-    rate of change, group-adaptive threshold, exponential erasure penalty, Erase@K with K=5 best,
-    16 x 512-token segments at full scale) but not the weights; those defaults are ours, reasons
-    inline. The defaults for segment_len/num_segments fit the tiny CPU arithmetic task."""
-
-    segment_len: int = 8  # S tokens per segment (paper: 512 at full scale)
-    num_segments: int = 6  # N segments: max_new_tokens = S * N (paper: 16)
-    max_erasures: int = 5  # K: Erase@K (paper's best K)
-    # token uncertainty: "cross_entropy" (-log p of the sampled token, the paper's signal) or
-    # "entropy" (of the whole sampling distribution)
-    signal: str = "cross_entropy"
-    smooth_window: int = 4  # sliding window of the smoothed mean (tokens); ours: half a tiny segment
-    # U_n = w_mean * mean(smoothed) + w_max * max + w_rate * max(0, mean_n - mean_{n-1}); ours: the
-    # mean carries the level, the max a single derailing token (a quarter weight: one token alone
-    # should rarely erase a segment), the rise a jump against the previous kept segment
-    w_mean: float = 1.0
-    w_max: float = 0.25
-    w_rate: float = 0.5
-    # Theta_n = (mu_g + threshold_std * sigma_g) * (1 + penalty_growth) ** erasures * history
-    # mu_g, sigma_g: U_n over the group's rollouts that reached segment n (first pass). 1 std: erase
-    # about the top sixth of segments when U is roughly normal; growth 0.5: the 5th erasure needs a
-    # U 7.6x the first one's threshold, so K is rarely reached on noise alone
-    threshold_std: float = 1.0
-    penalty_growth: float = 0.5
-    # history = (mean U of this rollout's kept segments / the group's mean of the same) ** history_power
-    # (1 at n = 0): a rollout uncertain all along gets a higher bar, so erasures go to local spikes
-    # rather than to hard prompts; ours
-    history_power: float = 0.5
-    # segment-level advantages (see `segment_advantages`): "uniform" (every kept token gets the
-    # sequence advantage: plain GRPO credit) or "attention" (scaled by the attention share each segment
-    # gets from the final segment)
-    advantage_rule: str = "uniform"
-
-    def __post_init__(self):
-        for name in ("segment_len", "num_segments", "smooth_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rl.e3rl_{name}={getattr(self, name)}: must be >= 1")
-        if self.max_erasures < 0:
-            raise ValueError(f"rl.e3rl_max_erasures={self.max_erasures}: must be >= 0")
-        if self.signal not in ("cross_entropy", "entropy"):
-            raise ValueError(f"rl.e3rl_signal={self.signal!r}: one of cross_entropy, entropy")
-        if self.advantage_rule not in ("uniform", "attention"):
-            raise ValueError(f"rl.e3rl_advantage_rule={self.advantage_rule!r}: one of uniform, attention")
-        if self.penalty_growth < 0:
-            raise ValueError(f"rl.e3rl_penalty_growth={self.penalty_growth}: must be >= 0")
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.segment_len * self.num_segments
 
 
 class E3RLPolicy:

@@ -35,11 +35,28 @@ def test_yaml_plus_overrides_are_typed():
         ("optim.manifold=sphere", "optim.manifold='sphere': one of frobenius, spectral, oblique"),
         ("rl.loss=ppo", "rl.loss='ppo': one of grpo, tis, mispo"),
         ("rl.group_size=1", "rl.group_size=1: group advantages need >= 2"),
+        ("rl.e3rl.segmentlen=4", "E3RLConfig has no field 'segmentlen'"),
+        ("rl.e3rl.signal=logit", "rl.e3rl.signal='logit': one of cross_entropy, entropy"),
+        ("rl.loss.kind=grpo", "rl.loss is not a nested section"),
+        ("rl.rollout=erase", "rl.rollout='erase': one of plain, e3rl"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_run_config("examples/tiny/tiny.yaml", [override])
+
+
+def test_nested_section_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rl:\n  rollout: e3rl\n  e3rl:\n    segment_len: 4\n    w_max: 1\n")
+    cfg = load_run_config(str(path), ["rl.e3rl.num_segments=10", "rl.e3rl.threshold_std=2"])
+    e = cfg.rl.e3rl
+    assert (e.segment_len, e.num_segments, e.max_new_tokens) == (4, 10, 40)
+    assert e.threshold_std == 2.0 and isinstance(e.threshold_std, float) and e.w_max == 1
+    assert cfg.to_dict()["rl"]["e3rl"]["segment_len"] == 4
+    path.write_text("rl:\n  e3rl:\n    segment_size: 4\n")
+    with pytest.raises(ValueError, match="rl.e3rl.segment_size: unknown field of E3RLConfig"):
+        load_run_config(str(path))
 
 
 def test_batch_must_divide_over_data_parallel_ranks():

@@ -91,9 +91,9 @@ def test_segment_advantages_uniform_and_attention():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="rl.e3rl_segment_len=0"):
+    with pytest.raises(ValueError, match="rl.e3rl.segment_len=0"):
         E3RLConfig(segment_len=0)
-    with pytest.raises(ValueError, match="rl.e3rl_signal='x'"):
+    with pytest.raises(ValueError, match="rl.e3rl.signal='x'"):
         E3RLConfig(signal="x")
 
 

@@ -87,10 +87,10 @@ def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
     run_dir = str(dirs["root"] / "e3rl")
     extra = (
         "rl.rollout=e3rl",
-        "rl.e3rl_segment_len=5",
-        "rl.e3rl_num_segments=2",
-        "rl.e3rl_advantage_rule=attention",
-        "rl.e3rl_threshold_std=0.0",  # erase whatever is above its group's mean: erasures happen
+        "rl.e3rl.segment_len=5",
+        "rl.e3rl.num_segments=2",
+        "rl.e3rl.advantage_rule=attention",
+        "rl.e3rl.threshold_std=0.0",  # erase whatever is above its group's mean: erasures happen
     )
     out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
     assert [s for s, _ in out["tokens_sampled"]] == [0, 3] and out["tokens_sampled"][-1][1] > 0
