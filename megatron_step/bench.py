@@ -5,7 +5,8 @@
   3. the tiny preset's forward+backward time with MTP-3;
   4. optimizer.step() time of Muon and MACRO (each manifold) relative to AdamW on the tiny preset
      (the loss comparison with an LR sweep is megatron_step/benchmarks/optim_compare.py);
-  5. greedy generation tokens/s of our RL engine vs transformers' generate() on the same weights.
+  5. greedy generation tokens/s of our RL engine vs transformers' generate() on the same weights;
+  6. E3RL erasable rollouts vs plain generation, wall time at equal final tokens.
 
     python -m megatron_step.bench [--iters 10]
 
@@ -201,6 +202,10 @@ def main(argv=None):
     from megatron_step.benchmarks import gen_compare
 
     print("\n" + gen_compare.format_table(run_distributed(gen_compare._body, 1, {"runs": 3})[0]))
+    from megatron_step.benchmarks import e3rl_overhead
+
+    r = run_distributed(e3rl_overhead._body, 1, dict(e3rl_overhead.DEFAULTS))[0]
+    print("\n" + e3rl_overhead.format_table(r))
 
 
 if __name__ == "__main__":

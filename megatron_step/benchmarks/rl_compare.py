@@ -78,6 +78,7 @@ def run_one(overrides: list[str], result_path: str) -> None:
     res = {
         "overrides": overrides,
         "accuracy": out["accuracy"],
+        "accuracy_sampled": out["accuracy_sampled"],
         "tokens_sampled": out["tokens_sampled"],
         "reward": out["reward"],
         "max_staleness": max(out["staleness"], default=0),
@@ -96,18 +97,20 @@ def _run_all(jobs: dict[str, list[str]], out: str, parallel: int) -> dict[str, d
 
 def table(results: dict) -> str:
     lines = [
-        "| run | held-out accuracy: start | end | best | steps | tokens sampled | max staleness | minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | held-out greedy: start | end | best | sampled: start | end | steps | tokens sampled "
+        "| max staleness | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         if r.get("failed"):
-            lines.append(f"| {name} | failed | | | | | | |")
+            lines.append(f"| {name} | failed |" + " |" * 9)
             continue
-        acc = r["accuracy"]
+        acc, smp = r["accuracy"], r.get("accuracy_sampled") or [(0, float("nan"))]
         best = max(a for _, a in acc)
         lines.append(
-            f"| {name} | {acc[0][1]:.3f} | {acc[-1][1]:.3f} | {best:.3f} | {acc[-1][0]} | "
-            f"{r['tokens_sampled'][-1][1]} | {r['max_staleness']} | {r['seconds'] / 60:.1f} |"
+            f"| {name} | {acc[0][1]:.3f} | {acc[-1][1]:.3f} | {best:.3f} | {smp[0][1]:.3f} | "
+            f"{smp[-1][1]:.3f} | {acc[-1][0]} | {r['tokens_sampled'][-1][1]} | {r['max_staleness']} | "
+            f"{r['seconds'] / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -118,17 +121,21 @@ def plot(results: dict, path: str, x: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, r) in enumerate(results.items()):
         if r.get("failed"):
             continue
-        steps = [s for s, _ in r["accuracy"]]
-        xs = steps if x == "step" else [t for _, t in r["tokens_sampled"]]
-        ax.plot(xs, [a for _, a in r["accuracy"]], marker="o", label=name)
+        color = f"C{i}"
+        xs = [s for s, _ in r["accuracy"]] if x == "step" else [t for _, t in r["tokens_sampled"]]
+        ax.plot(xs, [a for _, a in r["accuracy"]], marker="o", color=color, label=f"{name} (greedy)")
+        if r.get("accuracy_sampled"):
+            ax.plot(
+                xs, [a for _, a in r["accuracy_sampled"]], ls="--", color=color, label=f"{name} (sampled)"
+            )
     ax.set_xlabel("RL step" if x == "step" else "tokens sampled (erased included)")
-    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -306,24 +306,41 @@ class Rollouts:
         return segment_advantages([1.0] * len(gens), gens, self.e3rl.cfg, shares)
 
     @torch.no_grad()
-    def heldout_accuracy(self) -> float:
+    def heldout_accuracy(self) -> tuple[float, float | None]:
+        """(greedy accuracy, sampled accuracy) on this rank's share of the held-out problems, averaged
+        over DP. Sampled: `rl.eval_samples` responses per problem at the rollout temperature (a fixed
+        seed, so evaluations differ only by the weights) -- the quantity RL optimises; None at 0."""
+        r = self.cfg.rl
         dp, rank = _dp()
         mine = self.heldout[rank::dp]
-        gens = self.eval_engine.generate(
-            [self.encode_prompt(p) for p in mine],
-            SamplingParams(max_new_tokens=self.cfg.rl.max_new_tokens, greedy=True),
-            record_routing=False,
+        prompts = [self.encode_prompt(p) for p in mine]
+
+        def hits(gens, problems) -> int:
+            return sum(math_reward("", self.decode(x.response_ids), p.answer) for x, p in zip(gens, problems))
+
+        greedy = self.eval_engine.generate(
+            prompts, SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True), record_routing=False
         )
-        hits = torch.tensor(
-            [
-                sum(math_reward("", self.decode(x.response_ids), p.answer) for x, p in zip(gens, mine)),
-                len(mine),
-            ]
-        )
+        counts = [hits(greedy, mine), len(mine), 0, 0]
+        if r.eval_samples:
+            k = r.eval_samples
+            params = SamplingParams(
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                seed=0,
+            )
+            sampled = self.eval_engine.generate(
+                [p for p in prompts for _ in range(k)], params, record_routing=False
+            )
+            counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)]), k * len(mine)]
+        t = torch.tensor(counts, dtype=torch.float64)
         if dp > 1:
-            hits = hits.to(platform.compute_device())  # NCCL moves only CUDA tensors
-            dist.all_reduce(hits, group=ps.get_data_parallel_group())
-        return float(hits[0] / hits[1])
+            t = t.to(platform.compute_device())  # NCCL moves only CUDA tensors
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        t = t.tolist()
+        return t[0] / t[1], (t[2] / t[3] if t[3] else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,11 +512,23 @@ def train_rl(cfg: RunConfig) -> dict:
         )
         rollouts.engine = Engine(replica, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
         gen = AsyncGenerator(rollouts, replica, module, buffer, t.steps + r.max_staleness + 1)
-    acc0 = rollouts.heldout_accuracy()
-    accuracy, rewards_curve, staleness_seen = [(0, acc0)], [], []
-    tokens_at_eval = [(0, 0)]
-    monitor.scalars(0, {"accuracy/heldout": acc0})
-    monitor.message(f"step 0: held-out accuracy {acc0:.3f}")
+
+    def evaluate(step: int, metrics: dict) -> None:
+        acc, acc_s = rollouts.heldout_accuracy()
+        accuracy.append((step, acc))
+        tokens_at_eval.append((step, rollouts.tokens_sampled))
+        metrics["accuracy/heldout"] = acc
+        msg = f"step {step}: held-out accuracy {acc:.3f} (greedy)"
+        if acc_s is not None:
+            accuracy_sampled.append((step, acc_s))
+            metrics["accuracy/heldout sampled"] = acc_s
+            msg += f", {acc_s:.3f} (sampled x{r.eval_samples}, T={r.temperature})"
+        monitor.message(msg)
+
+    accuracy, accuracy_sampled, rewards_curve, staleness_seen, tokens_at_eval = [], [], [], [], []
+    first: dict = {}
+    evaluate(0, first)
+    monitor.scalars(0, first)
     version = 0
     try:
         for step in range(t.steps):
@@ -538,11 +567,7 @@ def train_rl(cfg: RunConfig) -> dict:
             budget_used = metrics["tokens sampled/cumulative per rank"]
             last = step + 1 == t.steps or 0 < r.max_tokens_sampled <= budget_used
             if t.eval_interval and ((step + 1) % t.eval_interval == 0 or last):
-                acc = rollouts.heldout_accuracy()
-                accuracy.append((step + 1, acc))
-                tokens_at_eval.append((step + 1, rollouts.tokens_sampled))
-                metrics["accuracy/heldout"] = acc
-                monitor.message(f"step {step + 1}: held-out accuracy {acc:.3f}")
+                evaluate(step + 1, metrics)
             monitor.scalars(step + 1, metrics)
             monitor.progress(
                 1, {"reward": metrics.get("reward/mean", 0.0), "stale": metrics["staleness/max"]}
@@ -570,6 +595,7 @@ def train_rl(cfg: RunConfig) -> dict:
         monitor.close()
     return {
         "accuracy": accuracy,
+        "accuracy_sampled": accuracy_sampled,
         "reward": rewards_curve,
         "staleness": staleness_seen,
         "reward_failures": rollouts.failed,
