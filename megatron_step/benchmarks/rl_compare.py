@@ -4,7 +4,7 @@ tokens), a Markdown table and a PNG. Two suites:
     python -m megatron_step.benchmarks.rl_compare --suite demo     # issue 7: sync (3 seeds) + async cap 1
     python -m megatron_step.benchmarks.rl_compare --suite e3rl     # E3RL vs plain GRPO, equal token budget
 
-demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 9), sync MIS-PO for three
+demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
 seeds and async with staleness cap 1, every run `--steps` RL steps.
 e3rl: the long task (2-3 steps, operands <= 5, 40 new tokens = 5 segments of 8), plain GRPO rollouts
 vs E3RL rollouts for each seed, both stopped at the same number of sampled tokens
@@ -143,7 +143,7 @@ def plot(results: dict, path: str, x: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="demo", choices=("demo", "e3rl"))
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--budget", type=int, default=120_000, help="e3rl suite: tokens sampled per run")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=2)
