@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from megatron_step.rl.losses import PolicyLossConfig
+
 
 @dataclass
 class E3RLConfig:
@@ -64,6 +66,18 @@ class E3RLConfig:
         return self.segment_len * self.num_segments
 
 
+def _nested(value, cls, name: str):
+    """A nested section from YAML (a mapping), or a scalar for its first field (`rl.loss: grpo`)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        value = {fields(cls)[0].name: value}
+    bad = set(value) - {f.name for f in fields(cls)}
+    if bad:
+        raise ValueError(f"{name}.{sorted(bad)[0]}: unknown field of {cls.__name__}")
+    return cls(**value)
+
+
 @dataclass
 class RLConfig:
     # --- where the policy starts ---------------------------------------------------------------
@@ -89,15 +103,9 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     routing_replay: bool = True  # R3: training forwards replay the rollout's experts (MoE)
-    # --- loss (megatron_step.rl.losses.PolicyLossConfig) ----------------------------------------------
-    loss: str = "mispo"  # grpo | tis | mispo
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    tis_cap: float = 2.0
-    mispo_token_low: float = 0.5
-    mispo_token_high: float = 2.0
-    mispo_traj_low: float = 0.996
-    mispo_traj_high: float = 1.001
+    # --- loss: the nested rl.loss section (PolicyLossConfig: kind, clip_eps, clip_eps_high, kl_coef,
+    # tis_cap, mispo_* bounds, token_level_mean); `rl.loss=grpo` alone sets its kind ------------------
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     # --- rewards (megatron_step.rl.rewards) -------------------------------------------------------------
     # "package.module:callable" -- a RewardFn (prompt, response, reference) -> float, see
     # megatron_step/rl/rewards.py; None: math correctness (weight 1) + format (reward_format_weight)
@@ -132,17 +140,12 @@ class RLConfig:
             raise ValueError(f"rl.eval_samples={self.eval_samples}: must be >= 0 (0: greedy evaluation only)")
         if self.max_staleness < 0:
             raise ValueError(f"rl.max_staleness={self.max_staleness}: must be >= 0")
-        if self.loss not in ("grpo", "tis", "mispo"):
-            raise ValueError(f"rl.loss={self.loss!r}: one of grpo, tis, mispo")
+        self.loss = _nested(self.loss, PolicyLossConfig, "rl.loss")
         if self.rollout not in ("plain", "e3rl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
-        if isinstance(self.e3rl, dict):  # from YAML: rl: {e3rl: {segment_len: 8, ...}}
-            bad = set(self.e3rl) - {f.name for f in fields(E3RLConfig)}
-            if bad:
-                raise ValueError(f"rl.e3rl.{sorted(bad)[0]}: unknown field of E3RLConfig")
-            self.e3rl = E3RLConfig(**self.e3rl)
+        self.e3rl = _nested(self.e3rl, E3RLConfig, "rl.e3rl")
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
 
 
-__all__ = ["E3RLConfig", "RLConfig"]
+__all__ = ["E3RLConfig", "PolicyLossConfig", "RLConfig"]

@@ -209,13 +209,23 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
             hints = {f.name: f.type for f in dataclasses.fields(sub)}
             if parts[2] not in hints:
                 raise ValueError(f"override {key}: {sub.__name__} has no field {parts[2]!r}")
-            raw.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = _coerce(value, hints[parts[2]])
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section.get(parts[1], {}), dict):  # `loss: grpo` then rl.loss.clip_eps=...
+                section[parts[1]] = {dataclasses.fields(sub)[0].name: section[parts[1]]}
+            section.setdefault(parts[1], {})[parts[2]] = _coerce(value, hints[parts[2]])
         elif parts[0] in _SECTIONS and len(parts) == 2:
             cls = _SECTIONS[parts[0]]
             hints = {f.name: f.type for f in dataclasses.fields(cls)}
             if parts[1] not in hints:
                 raise ValueError(f"override {key}: {cls.__name__} has no field {parts[1]!r}")
-            raw.setdefault(parts[0], {})[parts[1]] = _coerce(value, hints[parts[1]])
+            section = raw.setdefault(parts[0], {})
+            sub = typing.get_type_hints(cls).get(parts[1])
+            if dataclasses.is_dataclass(sub) and isinstance(section.get(parts[1]), dict):
+                # a scalar for a nested section sets its first field, keeping the YAML's other fields
+                first = dataclasses.fields(sub)[0]
+                section[parts[1]][first.name] = _coerce(value, first.type)
+            else:
+                section[parts[1]] = _coerce(value, hints[parts[1]])
         elif parts[0] == "model" and len(parts) == 2:
             hints = {f.name: f.type for f in dataclasses.fields(StepFlashConfig)}
             if parts[1] not in hints:

@@ -44,7 +44,7 @@ from megatron_step.rl.erasable import (
     generate_erasable,
     segment_advantages,
 )
-from megatron_step.rl.losses import PolicyLossConfig, group_advantages
+from megatron_step.rl.losses import group_advantages
 from megatron_step.rl.policy import make_forward_step, pack, token_logp
 from megatron_step.rl.rewards import RewardRunner, WeightedSum, format_reward, math_reward
 from megatron_step.rl.tasks import arithmetic_problems, prompt_text, solution_text
@@ -69,20 +69,6 @@ def rl_model_overrides(cfg: RunConfig) -> RunConfig:
         "mtp_loss_weights": [0.0] * m.mtp_num_layers,
     }
     return out
-
-
-def loss_config(cfg: RunConfig) -> PolicyLossConfig:
-    r = cfg.rl
-    return PolicyLossConfig(
-        kind=r.loss,
-        clip_eps=r.clip_eps,
-        kl_coef=r.kl_coef,
-        tis_cap=r.tis_cap,
-        mispo_token_low=r.mispo_token_low,
-        mispo_token_high=r.mispo_token_high,
-        mispo_traj_low=r.mispo_traj_low,
-        mispo_traj_high=r.mispo_traj_high,
-    )
 
 
 def resolve_reward_fn(path: str | None):
@@ -488,7 +474,7 @@ def train_rl(cfg: RunConfig) -> dict:
     runner = RewardRunner(reward_fn, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
     rollouts = Rollouts(rl_cfg, tokenizer, engine, runner)
     buffer = RolloutBuffer(r.max_staleness, group_size=r.group_size)
-    forward_step = make_forward_step(loss_config(cfg))
+    forward_step = make_forward_step(cfg.rl.loss)
     monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
     monitor.banner(
         {

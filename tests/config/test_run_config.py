@@ -17,9 +17,12 @@ def test_yaml_plus_overrides_are_typed():
     assert m.sliding_window == 4 and m.vocab_size == 2048 and m.num_layers == 8
     # YAML 1.1 reads "1e-3" as a string; float fields still get a float
     cfg = load_run_config(
-        "examples/rl/rl_tiny.yaml", ["optim.lr=1e-3", "rl.clip_eps=2e-1", "optim.optimizer=macro"]
+        "examples/rl/rl_tiny.yaml", ["optim.lr=1e-3", "rl.loss.clip_eps=2e-1", "optim.optimizer=macro"]
     )
-    assert cfg.optim.lr == 1e-3 and cfg.rl.clip_eps == 0.2 and cfg.optim.optimizer == "macro"
+    assert cfg.optim.lr == 1e-3 and cfg.rl.loss.clip_eps == 0.2 and cfg.optim.optimizer == "macro"
+    assert cfg.rl.loss.kind == "mispo"  # rl_tiny.yaml's `loss: mispo` sets the section's kind
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", ["rl.loss=grpo", "rl.loss.clip_eps_high=0.28"])
+    assert (cfg.rl.loss.kind, cfg.rl.loss.clip_eps_high, cfg.rl.loss.eps_high) == ("grpo", 0.28, 0.28)
 
 
 @pytest.mark.parametrize(
@@ -33,11 +36,13 @@ def test_yaml_plus_overrides_are_typed():
         ("model.moe_topk=99", r"model.moe_topk=99: must be in \[1, num_experts=8\]"),
         ("optim.optimizer=lamb", "optim.optimizer='lamb': one of adam, sgd, muon, macro"),
         ("optim.manifold=sphere", "optim.manifold='sphere': one of frobenius, spectral, oblique"),
-        ("rl.loss=ppo", "rl.loss='ppo': one of grpo, tis, mispo"),
+        ("rl.loss=ppo", "rl.loss.kind='ppo': one of grpo, tis, mispo"),
+        ("rl.loss.mispo_traj_low=1.1", "rl.loss.mispo_traj_low=1.1, rl.loss.mispo_traj_high=1.001"),
         ("rl.group_size=1", "rl.group_size=1: group advantages need >= 2"),
         ("rl.e3rl.segmentlen=4", "E3RLConfig has no field 'segmentlen'"),
         ("rl.e3rl.signal=logit", "rl.e3rl.signal='logit': one of cross_entropy, entropy"),
-        ("rl.loss.kind=grpo", "rl.loss is not a nested section"),
+        ("rl.rollout.kind=x", "rl.rollout is not a nested section"),
+        ("rl.loss.clip=0.1", "PolicyLossConfig has no field 'clip'"),
         ("rl.rollout=erase", "rl.rollout='erase': one of plain, e3rl"),
     ],
 )
