@@ -32,7 +32,11 @@ The returned response is exactly the kept trajectory (sampled tokens and tool-re
 tokens are marked in `info["sampled_mask"]` (1: sampled, 0: teacher-forced; the trainer must exclude
 0s from the loss); their `logprobs` and `entropies` are 0.0. The cache holds one copy of each kept
 position: at the end its length is len(prompt) + len(response) - 1 when the response ends on a sampled
-token (the last token is never fed, as in `Engine.generate`), whatever the number of rollbacks.
+token (the last token is never fed, as in `Engine.generate`), whatever the number of rollbacks. (A
+rollout that stops after a search -- `max_steps` or the response cap reached -- keeps the result tokens
+in the response without feeding them: nothing is left to predict.) Not wired into the RL loop yet:
+`policy.pack` puts every response token under the loss, so a trainer must multiply its mask by
+`sampled_mask` first.
 
 `Generation.info`: `steps` (every attempt in order, kept and rolled back: `Step.record()`),
 `rollbacks`, `regenerated_tokens` (sampled tokens thrown away by rollbacks), `prefix_reused` (cached
