@@ -5,8 +5,12 @@ it in place on top of the kept prefix's KV cache.
     gens = generate_erasable(engine, prompts, groups, SamplingParams(temperature=1.0), policy)
     gens[i].info["erasures"], gens[i].info["segments"]       # per rollout
 
-How it works (per batch of prompts of equal length; prompts are bucketed by length, so every row of a
-bucket sits at the same cache position -- Megatron-Core's static cache keeps one length per batch):
+How it works (one static cache for the batch; Megatron-Core's static cache keeps one length for all
+rows, so segments are aligned on cache positions: prompts of different lengths are fed as in
+`Engine.generate` -- the shortest prefilled, the rest one position per step while rows whose prompt
+has ended already sample -- and segment 0 starts, for every row, where the longest prompt ends. The
+few tokens a shorter prompt's row samples before that, its lead-in, are never erased and count with
+segment 0 for credit):
 
 1. All rows decode segment n (S tokens) together. Each sampled token's cross-entropy (-log p of the
    sampled token) and entropy come from the sampling logits, as in `Engine.generate`.
@@ -124,6 +128,7 @@ class _Row:
     boundary: torch.Tensor | None = None  # logits that predicted the current segment's first token
     u: float = 0.0  # U of the current segment
     prev: float | None = None  # mean signal of the previous kept segment
+    lead_in: int = 0  # tokens sampled while longer prompts of the batch were still being fed
 
 
 class _Bucket:
@@ -140,8 +145,7 @@ class _Bucket:
     ):
         self.engine, self.rows, self.params, self.policy, self.gen = engine, list(rows), params, policy, gen
         self.cfg = policy.cfg
-        self.L = len(rows[0].prompt)
-        self.cache = KVCache(len(rows), self.L + self.cfg.max_new_tokens)
+        self.cache = KVCache(len(rows), max(len(r.prompt) for r in rows) + self.cfg.max_new_tokens)
         self.record = record and bool(engine.replays)
         self.stop = set(params.stop_ids) | {engine.eos_id}
         self.rows_moved = 0
@@ -163,36 +167,58 @@ class _Bucket:
         return logits
 
     def prefill(self) -> None:
-        toks = torch.tensor([r.prompt for r in self.rows])
+        """The shortest prompt length for every row at once, then one position per step up to the
+        longest (Megatron-Core's static batching, as `Engine.generate`): rows still inside their prompt
+        are fed its next token, the others already sample -- their lead-in, before segment 0."""
+        lo, hi = min(len(r.prompt) for r in self.rows), max(len(r.prompt) for r in self.rows)
+        toks = torch.tensor([r.prompt[:lo] for r in self.rows])
         logits = self.forward(toks, 0)[:, -1]
         self.engine.stats["prefill_tokens"] += toks.numel()
         for i, r in enumerate(self.rows):
             r.logits = logits[i]
+        for pos in range(lo, hi):
+            tok, lp, ent = self.engine._sample(
+                torch.stack([r.logits for r in self.rows]), self.params, self.gen
+            )
+            feed = []
+            for j, r in enumerate(self.rows):
+                if pos < len(r.prompt):
+                    feed.append(r.prompt[pos])
+                elif r.done:
+                    feed.append(self.engine.pad_id)
+                else:
+                    feed.append(self._take(r, int(tok[j]), float(lp[j]), float(ent[j])))
+            out = self.forward(torch.tensor(feed)[:, None], 0)[:, -1]
+            for j, r in enumerate(self.rows):
+                r.logits = out[j]
+        for r in self.rows:
+            r.lead_in = len(r.resp)
+
+    def _take(self, r: _Row, t: int, lp: float, ent: float) -> int:
+        """Append a sampled token to row r (marking it done at a stop token or the length cap)."""
+        r.resp.append(t)
+        r.logp.append(lp)
+        r.ent.append(ent)
+        if t in self.stop:
+            r.done, r.finish = True, "stop"
+        elif len(r.resp) >= self.cfg.max_new_tokens:
+            r.done = True
+        return t
 
     def decode_segment(self, a: int, b: int) -> None:
         """Rows [a, b) (not done) sample one segment from their current logits, the cache positioned at
         the segment's start."""
-        S, cap = self.cfg.segment_len, self.cfg.max_new_tokens
+        S = self.cfg.segment_len
         rows = self.rows[a:b]
         for r in rows:
             if not r.done:
                 r.seg_starts.append(len(r.resp))
         for _ in range(S):
             tok, lp, ent = self.engine._sample(torch.stack([r.logits for r in rows]), self.params, self.gen)
-            feed = []
-            for j, r in enumerate(rows):
-                if r.done:
-                    feed.append(self.engine.pad_id)
-                    continue
-                t = int(tok[j])
-                r.resp.append(t)
-                r.logp.append(float(lp[j]))
-                r.ent.append(float(ent[j]))
-                if t in self.stop:
-                    r.done, r.finish = True, "stop"
-                elif len(r.resp) >= cap:
-                    r.done = True
-                feed.append(t)
+            feed = [
+                self.engine.pad_id if r.done else self._take(r, int(tok[j]), float(lp[j]), float(ent[j]))
+                for j, r in enumerate(rows)
+            ]
             if all(r.done for r in rows):
                 break
             out = self.forward(torch.tensor(feed)[:, None], a)[:, -1]
@@ -275,7 +301,7 @@ class _Bucket:
             self.cache.ctx.sequence_len_offset = start_pos + cfg.segment_len
         # live positions: the longest kept rollout's (its last token is never fed, as in `generate`);
         # entries past it are erased or padding and are dropped
-        self.cache.ctx.sequence_len_offset = self.L + max(len(r.resp) for r in self.rows) - 1
+        self.cache.ctx.sequence_len_offset = max(len(r.prompt) + len(r.resp) for r in self.rows) - 1
 
 
 @torch.no_grad()
@@ -297,20 +323,15 @@ def generate_erasable(
     was_training = engine.model.training
     engine.model.eval()
     gen = engine.generator(params)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
     rows = [_Row(list(p), g) for p, g in zip(prompts, groups)]
     buckets = []
     mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
     try:
         with mode:
-            for _, idx in sorted(by_len.items()):
-                for k in range(0, len(idx), engine.max_batch):
-                    part = idx[k : k + engine.max_batch]
-                    bucket = _Bucket(engine, [rows[i] for i in part], params, policy, gen, record_routing)
-                    bucket.run()
-                    buckets.append(bucket)
+            for k in range(0, len(rows), engine.max_batch):
+                bucket = _Bucket(engine, rows[k : k + engine.max_batch], params, policy, gen, record_routing)
+                bucket.run()
+                buckets.append(bucket)
     finally:
         engine.model.train(was_training)
     out = []
@@ -318,7 +339,8 @@ def generate_erasable(
         info = {
             "erasures": r.erasures,
             "erased": r.erased,
-            "segments": r.seg_starts,
+            "segments": [0, *r.seg_starts[1:]] if r.seg_starts else [],  # the lead-in joins segment 0
+            "lead_in": r.lead_in,
             "segment_u": r.seg_u,
             "regenerated_tokens": r.regenerated,
             "prefix_reused": r.prefix_reused,

@@ -56,8 +56,8 @@ def _capture_positions(model):
 
 
 def erase_and_reuse(rank, world_size):
-    """Six rollouts of two prompts (one bucket) plus two of a shorter prompt (another bucket); group 1's
-    three rollouts erase their second segment twice. Checks, from the model's inputs: no position before
+    """Six rollouts of two 7-token prompts and two of a 4-token prompt in one batch (ragged prompts: the
+    short ones get a lead-in); group 1's three rollouts erase their second segment twice. Checks, from the model's inputs: no position before
     the rolled-back segment is fed twice; the kept tokens' log-probs/entropies equal a from-scratch
     forward over prompt + final response; the recorded routing replays to the same log-probs."""
     from megatron_step.rl.engine import Engine, SamplingParams
@@ -81,8 +81,9 @@ def erase_and_reuse(rank, world_size):
     counts: dict[tuple[int, int], Counter] = {}
     for ctx, row, pos in fed:
         counts.setdefault((ctx, row), Counter()).update(pos)
-    ctx_ids = sorted({c for c, _, _ in fed}, key=[c for c, _, _ in fed].index)
-    big = ctx_ids[0] if len(p0) < len(p2) else ctx_ids[1]  # buckets run shortest prompt first
+    ctx_ids = {c for c, _, _ in fed}
+    assert len(ctx_ids) == 1  # one batch, one cache, prompts of 7 and 4 tokens
+    big = ctx_ids.pop()
     rollback = len(p0) + ecfg.segment_len  # first position of segment 1
     prefix_recomputed = 0
     regen_fed = []
@@ -124,6 +125,7 @@ def erase_and_reuse(rank, world_size):
         "prefix_reused": [x.info["prefix_reused"] for x in gens],
         "lengths": [len(x.response_ids) for x in gens],
         "segments": [x.info["segments"] for x in gens],
+        "lead_in": [x.info["lead_in"] for x in gens],
         "prefix_recomputed": prefix_recomputed,
         "regen_fed": regen_fed,
         "max_logp_diff": worst_lp,

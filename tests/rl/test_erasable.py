@@ -20,6 +20,8 @@ def test_erasure_reuses_the_prefix_cache_and_matches_a_fresh_forward():
     assert out["regenerated"][3:6] == [10, 10, 10] and out["regenerated"][0] == 0
     assert out["prefix_reused"][3] == 2 * (7 + 5)  # two rollbacks to position 12 of the cache
     assert out["lengths"] == [20] * 8 and out["segments"][3] == [0, 5, 10, 15]
+    # the 4-token prompt's rows sample 3 tokens while the 7-token prompts are still fed
+    assert out["lead_in"] == [0] * 6 + [3, 3] and out["segments"][6] == [0, 8, 13, 18]
     assert out["prefix_recomputed"] == 0  # nothing before the erased segment went through the model again
     assert out["regen_fed"] == [1, 1, 1, 3, 3, 3]  # the erased segment's positions: fed 1 + 2 times
     assert out["max_logp_diff"] <= 1e-4 and out["max_entropy_diff"] <= 1e-4, out
