@@ -58,8 +58,9 @@ def _capture_positions(model):
 def erase_and_reuse(rank, world_size):
     """Six rollouts of two 7-token prompts and two of a 4-token prompt in one batch (ragged prompts: the
     short ones get a lead-in); group 1's three rollouts erase their second segment twice. Checks, from
-    the model's inputs: no position before the rolled-back segment is fed twice; the kept tokens' log-probs/entropies equal a from-scratch
-    forward over prompt + final response; the recorded routing replays to the same log-probs."""
+    the model's inputs: no position before the rolled-back segment is fed twice; the kept tokens'
+    log-probs/entropies equal a from-scratch forward over prompt + final response; the recorded
+    routing replays to the same log-probs."""
     from megatron_step.rl.engine import Engine, SamplingParams
     from megatron_step.rl.policy import pack, token_logp
 
