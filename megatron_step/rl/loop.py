@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import os
 import random
 import threading
 import time
@@ -281,8 +283,36 @@ class Rollouts:
         }
         if self.e3rl is not None:
             stats.update(erasure_stats(gens, correct))
+            self._log_erasures(version, group_base, gens, correct)
         self.failed += int(stats["reward/failed"])
         return rollouts, stats
+
+    def _log_erasures(self, version: int, group_base: int, gens, correct) -> None:
+        """Every erased segment, as text, to <run_dir>/erasures.rank<R>.jsonl: what was cut out, its
+        uncertainty and threshold, and whether the final (kept) rollout was right. Not trained on."""
+        lines = []
+        g = self.cfg.rl.group_size
+        for i, (gen, ok) in enumerate(zip(gens, correct)):
+            for e in gen.info.get("erased", []):
+                lines.append(
+                    json.dumps(
+                        {
+                            "version": version,
+                            "group": group_base + i // g,
+                            "segment": e["segment"],
+                            "erased": self.decode(e["tokens"]),
+                            "u": round(e["u"], 4),
+                            "theta": round(e["theta"], 4),
+                            "kept_response": self.decode(gen.response_ids),
+                            "kept_correct": bool(ok),
+                        }
+                    )
+                )
+        if lines:
+            path = os.path.join(self.cfg.train.run_dir, f"erasures.rank{_dp()[1]}.jsonl")
+            os.makedirs(self.cfg.train.run_dir, exist_ok=True)
+            with open(path, "a") as f:
+                f.write("\n".join(lines) + "\n")
 
     def _advantage_scales(self, gens) -> list[list[float]] | None:
         """Per-token advantage scales of the segment rule (None: the sequence advantage as is)."""

@@ -4,6 +4,7 @@ raises or hangs marks its samples failed (counted) while the run goes on."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -108,3 +109,6 @@ def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
         assert tag in tags, (tag, sorted(tags))
     erasures = [e.value for e in ea.Scalars("e3rl/erasures per rollout")]
     assert sum(erasures) > 0
+    with open(os.path.join(run_dir, "erasures.rank0.jsonl")) as f:  # erased text is logged, not trained
+        logged = [json.loads(line) for line in f]
+    assert logged and {"erased", "u", "theta", "kept_correct"} <= set(logged[0])
