@@ -70,9 +70,8 @@ class RewardModel(torch.nn.Module):
         from megatron_step.models.step_flash import build_step_flash
         from megatron_step.models.step_flash.config import StepFlashConfig
 
-        blob = torch.load(
-            path, map_location="cpu", weights_only=True
-        )  # our own dict of tensors, plain values
+        # our own dict of tensors and plain values; saved on any device, loaded on the CPU first
+        blob = torch.load(path, map_location="cpu", weights_only=True)
         cfg = StepFlashConfig(**blob["model_config"])
         rm = cls.from_backbone(build_step_flash(cfg, parallel or ParallelConfig()), blob["model_config"])
         rm.load_state_dict(blob["state"])
