@@ -360,7 +360,7 @@ def generate_erl(
     t0 = time.perf_counter()
     was_training = engine.model.training
     engine.model.eval()
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    gen = engine.generator(params)  # on the logits' device
     mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
     out, used, allocated = [], 0, 0
     try:
