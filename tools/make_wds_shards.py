@@ -240,4 +240,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileExistsError) as e:  # bad arguments or inputs: the message names them
+        sys.exit(f"make_wds_shards: {e}")
