@@ -77,17 +77,11 @@ def _routing_maps(model, batch, replay: bool):
     return maps
 
 
-def logprobs_vs_training_forward(rank, world_size):
-    """Sample (temperature 1) with routing recorded, then training-mode forwards: with the routing
-    replayed the log-probs match the sampler's; after perturbing the routers (as a policy update
-    would) free routing changes for some tokens while replayed routing still equals the rollout's."""
-    from megatron_step.rl.engine import Engine, SamplingParams
+def replay_logp(model, gens):
+    """Pack generations as the trainer does and run a training-mode forward with their recorded
+    routing replayed: (items, packed batch, per-token log-probs aligned with batch["mask"])."""
     from megatron_step.rl.policy import pack, token_logp
 
-    cfg, model = _model()
-    prompts = _prompts(cfg, seed=1)
-    engine = Engine(model, eos_id=3)
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=16, seed=7))
     items = [
         {
             "prompt_ids": g.prompt_ids,
@@ -101,6 +95,20 @@ def logprobs_vs_training_forward(rank, world_size):
     model.train()
     with torch.no_grad():
         logp = token_logp(model, batch)
+    return items, batch, logp
+
+
+def logprobs_vs_training_forward(rank, world_size):
+    """Sample (temperature 1) with routing recorded, then training-mode forwards: with the routing
+    replayed the log-probs match the sampler's; after perturbing the routers (as a policy update
+    would) free routing changes for some tokens while replayed routing still equals the rollout's."""
+    from megatron_step.rl.engine import Engine, SamplingParams
+
+    cfg, model = _model()
+    prompts = _prompts(cfg, seed=1)
+    engine = Engine(model, eos_id=3)
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=16, seed=7))
+    items, batch, logp = replay_logp(model, gens)
     m = batch["mask"].bool()
     diff = (logp[m] - batch["rollout_logp"][m]).abs().max().item()
     s, b = batch["tokens"].shape[1], batch["tokens"].shape[0]

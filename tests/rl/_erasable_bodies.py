@@ -11,6 +11,7 @@ from megatron_step import platform
 from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash, tiny
 from megatron_step.rl.erasable import E3RLConfig, E3RLPolicy
+from tests.rl._engine_bodies import replay_logp
 
 
 class ForcedPolicy(E3RLPolicy):
@@ -62,7 +63,6 @@ def erase_and_reuse(rank, world_size):
     log-probs/entropies equal a from-scratch forward over prompt + final response; the recorded
     routing replays to the same log-probs."""
     from megatron_step.rl.engine import Engine, SamplingParams
-    from megatron_step.rl.policy import pack, token_logp
 
     cfg, model = _model()
     g = torch.Generator().manual_seed(0)
@@ -105,19 +105,7 @@ def erase_and_reuse(rank, world_size):
             ent = -(lp.exp() * lp).sum(-1)
             worst_lp = max(worst_lp, (got - torch.tensor(gen.logprobs)).abs().max().item())
             worst_ent = max(worst_ent, (ent - torch.tensor(gen.entropies)).abs().max().item())
-    items = [
-        {
-            "prompt_ids": x.prompt_ids,
-            "response_ids": x.response_ids,
-            "rollout_logp": x.logprobs,
-            "routing": x.routing,
-        }
-        for x in gens
-    ]
-    batch = pack(items)
-    model.train()
-    with torch.no_grad():
-        logp = token_logp(model, batch)
+    _, batch, logp = replay_logp(model, gens)
     m = batch["mask"].bool()
     return {
         "erasures": [x.info["erasures"] for x in gens],

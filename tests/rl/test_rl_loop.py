@@ -21,6 +21,15 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+def _scalars(run_dir):
+    """The run's TensorBoard scalars (an EventAccumulator, loaded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    ea.Reload()
+    return ea
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
@@ -28,14 +37,11 @@ def dirs(tmp_path_factory):
 
 
 def test_sync_run_logs_the_rl_scalars(dirs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_dir = str(dirs["root"] / "sync")
     out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"])[0]
     assert [s for s, _ in out["accuracy"]] == [0, 3]
     assert out["staleness"] == [0] * 6  # sync: every group is from the current version
-    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
-    ea.Reload()
+    ea = _scalars(run_dir)
     tags = set(ea.Tags()["scalars"])
     for tag in (
         "reward/mean",
@@ -83,8 +89,6 @@ def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
 
 
 def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_dir = str(dirs["root"] / "e3rl")
     extra = (
         "rl.rollout=e3rl",
@@ -95,8 +99,7 @@ def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
     )
     out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
     assert [s for s, _ in out["tokens_sampled"]] == [0, 3] and out["tokens_sampled"][-1][1] > 0
-    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
-    ea.Reload()
+    ea = _scalars(run_dir)
     tags = set(ea.Tags()["scalars"])
     for tag in (
         "e3rl/erasures per rollout",
