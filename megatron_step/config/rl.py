@@ -144,6 +144,12 @@ class RLConfig:
         if self.rollout not in ("plain", "e3rl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
         self.e3rl = _nested(self.e3rl, E3RLConfig, "rl.e3rl")
+        if self.rollout == "e3rl" and self.e3rl.max_new_tokens != self.max_new_tokens:
+            raise ValueError(
+                f"rl.rollout=e3rl: rl.e3rl.segment_len({self.e3rl.segment_len}) * rl.e3rl.num_segments"
+                f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
+                f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
+            )
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
 

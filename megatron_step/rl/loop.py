@@ -190,12 +190,6 @@ class Rollouts:
         self.failed = 0
         self.tokens_sampled = 0  # every sampled token, erased ones included (the rollout budget)
         self.e3rl = E3RLPolicy(r.e3rl) if r.rollout == "e3rl" else None
-        if self.e3rl is not None and self.e3rl.cfg.max_new_tokens != r.max_new_tokens:
-            raise ValueError(
-                f"rl.rollout=e3rl: rl.e3rl.segment_len({r.e3rl.segment_len}) * rl.e3rl.num_segments"
-                f"({r.e3rl.num_segments}) = {self.e3rl.cfg.max_new_tokens} must equal rl.max_new_tokens"
-                f"({r.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
-            )
         self.preference = None
         if r.reward_model:
             from megatron_step.rl.reward_model import PreferenceReward, RewardModel

@@ -44,11 +44,12 @@ def test_yaml_plus_overrides_are_typed():
         ("rl.rollout.kind=x", "rl.rollout is not a nested section"),
         ("rl.loss.clip=0.1", "PolicyLossConfig has no field 'clip'"),
         ("rl.rollout=erase", "rl.rollout='erase': one of plain, e3rl"),
+        ("rl.rollout=e3rl rl.e3rl.num_segments=3", r"= 24 must equal rl.max_new_tokens\(40\)"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
-        load_run_config("examples/tiny/tiny.yaml", [override])
+        load_run_config("examples/tiny/tiny.yaml", override.split())
 
 
 def test_nested_section_from_yaml_and_overrides(tmp_path):
