@@ -6,7 +6,9 @@
   4. optimizer.step() time of Muon and MACRO (each manifold) relative to AdamW on the tiny preset
      (the loss comparison with an LR sweep is megatron_step/benchmarks/optim_compare.py);
   5. greedy generation tokens/s of our RL engine vs transformers' generate() on the same weights;
-  6. E3RL erasable rollouts vs plain generation, wall time at equal final tokens.
+  6. E3RL erasable rollouts vs plain generation, wall time at equal final tokens;
+  7. MMRPT image-text readers: DALI on the CPU vs the webdataset reference, images/s
+     (megatron_step/benchmarks/wds_throughput.py; 500 scenes, 2 epochs here).
 
     python -m megatron_step.bench [--iters 10]
 
@@ -206,6 +208,9 @@ def main(argv=None):
 
     r = run_distributed(e3rl_overhead._body, 1, dict(e3rl_overhead.DEFAULTS))[0]
     print("\n" + e3rl_overhead.format_table(r))
+    from megatron_step.benchmarks import wds_throughput
+
+    print("\n" + wds_throughput.format_table(wds_throughput.run(samples=500, epochs=2)))
 
 
 if __name__ == "__main__":

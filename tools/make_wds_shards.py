@@ -33,23 +33,13 @@ import time
 import warnings
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 # Megatron-Core (imported by megatron_step.data) announces missing TE/apex at import time; expected here.
 warnings.filterwarnings("ignore", message=".*not installed.*")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from megatron_step.data.scenes import encode_jpeg, generate_scene, scene_rng  # noqa: E402
-
-SHARD_PATTERN = "shard-%06d.tar"
-_TAR_MTIME = 0  # fixed header fields: reruns give identical bytes, not just identical payloads
-
-
-def scene_samples(n: int, seed: int, size: int, quality: int, min_objects: int, max_objects: int):
-    """Yield (jpg bytes, caption, truth) for generated scenes 0..n-1 under `seed`."""
-    for i in range(n):
-        image, caption, truth = generate_scene(scene_rng(seed, i), size, min_objects, max_objects)
-        yield encode_jpeg(image, quality), caption, truth
+from megatron_step.data.scenes import encode_jpeg  # noqa: E402
+from megatron_step.data.shards import SHARD_PATTERN, scene_samples, write_shards  # noqa: E402, F401
 
 
 def read_captions(path: str) -> list[tuple[str, str]]:
@@ -104,37 +94,6 @@ def folder_samples(images: str, pairs: list[tuple[str, str]], quality: int, skip
         examples = skipped.setdefault("examples", [])
         if len(examples) < 5:  # a few names for the final report, not a list as long as the dataset
             examples.append(name)
-
-
-def write_shards(samples, out: str, samples_per_shard: int, total: int | None = None, progress=True):
-    """Write (jpg, caption, json) triples as OUT/shard-%06d.tar; returns [{"name", "samples"}].
-
-    TarWriter, not ShardWriter: ShardWriter opens its first tar on construction (an empty shard when
-    nothing is written) and prints each file name.
-    """
-    import webdataset as wds  # here: importing it is ~0.3 s, and `--help` need not pay
-
-    shards: list[dict] = []
-    writer = None
-    bar = tqdm(total=total, unit="sample", desc="shards", disable=not progress)
-    try:
-        for index, (jpg, caption, meta) in enumerate(samples):
-            if index % samples_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append({"name": SHARD_PATTERN % len(shards), "samples": 0})
-                path = os.path.join(out, shards[-1]["name"])
-                writer = wds.TarWriter(path, encoder=False, mtime=_TAR_MTIME)
-            sample = {"__key__": f"{index:09d}", "jpg": jpg, "txt": caption.encode("utf-8")}
-            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
-            writer.write(sample)
-            shards[-1]["samples"] += 1
-            bar.update(1)
-    finally:
-        if writer is not None:
-            writer.close()
-        bar.close()
-    return shards
 
 
 def _check(args) -> None:

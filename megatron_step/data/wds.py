@@ -1,0 +1,595 @@
+"""Image-text batches from webdataset shards (jpg + txt + json per sample) for MMRPT: an NVIDIA DALI
+pipeline and a plain `webdataset` reference with one interface.
+
+    from megatron_step.data.wds import ImageTextConfig, make_reader
+    cfg = ImageTextConfig(image_size=32, batch_size=8)
+    reader = make_reader("auto", "runs/wds/scenes/shard-*.tar", cfg)   # "dali" | "webdataset" | "auto"
+    for batch in reader:                 # one pass over the shards = one epoch
+        batch.images                     # (B, 3, S, S) float32, resized then normalised (CLIP mean/std)
+        batch.keys, batch.captions, batch.metas   # B strings, B strings, B dicts (the sample's json)
+    reader.skipped                       # {"bad_jpeg": 1, "truncated_tar": 1, ...} dropped samples by reason
+    reader.seen                          # samples delivered so far (all epochs)
+
+Iteration yields `ImageTextBatch`es of `cfg.batch_size` samples (the last one of an epoch may be
+smaller; nothing is padded or dropped); `batch.samples()` / `reader.samples()` give one
+`ImageTextSample(key, image, caption, meta)` at a time. `skipped` and `seen` add up over epochs.
+
+Readers:
+  WebDatasetReader  the reference: webdataset's tar iterator and key grouping, PIL decode, resize as
+                    two small torch matmuls (`triangle_filter`), normalise; checks samples as they stream.
+  DaliReader        `fn.readers.webdataset` -> `fn.decoders.image` ("mixed" on a GPU, "cpu" without)
+                    -> `fn.resize` (linear, antialias) -> `fn.crop_mirror_normalize`, txt and json passed
+                    through as bytes. Runs as a CPU-only pipeline (device_id=None) where CUDA is absent.
+
+Bad samples (skipped and counted, never raised; the checks and their order are `_sample_problem`):
+  truncated_tar    the shard is cut or garbled: a member's data or header is cut short (tarfile raises),
+                   or the file does not end with tar's zero end-of-archive block (a cut between members,
+                   which tarfile reads quietly as a shorter archive). The sample being read at the break
+                   is dropped (one count per broken shard); the samples before it come out; whatever
+                   followed the cut is gone and not counted.
+  missing_image, missing_caption, missing_json   no .jpg / .txt / .json member for the key
+  bad_caption      .txt is not UTF-8
+  bad_json         .json does not parse to an object (a dict)
+  bad_jpeg         Pillow cannot decode the .jpg (random bytes, a cut-off file, a broken marker)
+
+DALI stops the pipeline on these (its webdataset reader on a broken tar or, with "error", a missing
+member; its decoder on random bytes and on a cut-off JPEG: "Premature end of JPEG data"), so
+`DaliReader` first pre-scans each shard once, at construction, with Python's `tarfile` in streaming
+mode (the same reads webdataset does), applies the same checks (the JPEG one decodes with Pillow at
+1/8 scale via `draft`: the whole entropy-coded stream is still parsed, so cut-off and garbled files
+fail as in a full decode, for 25-75% of its time) and writes DALI index files (wds2idx "v1.2" format)
+listing only the good samples, each member named by the url-quoted sample key, which DALI hands back
+as the output's source_info. The two readers' counts are then identical (tested for every cut
+position of a shard). Cost, measured in docs/benchmarks.md §11 on 64 px scenes: ~400 us per sample on
+one thread of a loaded 2-core box (pre-scan threads: cfg.num_threads, one shard each), i.e. 2-3 DALI
+CPU epochs or ~1/4 of a reference epoch, paid once per reader (not cached across runs). DALI counts a
+pass's skips when the pass starts; the reference as it streams; after whole passes they are equal.
+Uncompressed .tar shards only (DALI reads members by byte offset).
+
+Pixels: both readers resize the decoded image in float32 with a triangle filter ("linear + antialias":
+half-pixel centres, half-width = the scale factor when shrinking, plain bilinear when enlarging; edge
+pixels repeated past the border, DALI's convention: see `triangle_filter`), then normalise. Measured
+max |DALI - reference| on generated scenes (64 px JPEG q90 -> 32, 24 and 96 px, CPU decode): 4.8e-7
+in normalised units: both decode with libjpeg-turbo, bit for bit. The tests allow PIXEL_ATOL = 0.03
+(about 2/255 before normalising) for other Pillow / libjpeg builds; the resize mismatches it exists to
+catch were 0.11 (torch's antialias renormalising at the border) to 0.2+. GPU ("mixed", nvJPEG) decode
+is not measured here (no GPU with DALI was at hand); nvJPEG's IDCT and chroma upsampling may differ
+by more.
+
+Shuffle (`cfg.shuffle`): shard order and a sample buffer of `cfg.shuffle_buffer`, seeded by
+`cfg.seed` (+ epoch in the reference); the two readers shuffle differently, so compare them unshuffled.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import random
+import re
+import tarfile
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "PIXEL_ATOL",
+    "SKIP_REASONS",
+    "DaliReader",
+    "ImageTextBatch",
+    "ImageTextConfig",
+    "ImageTextSample",
+    "WebDatasetReader",
+    "dali_available",
+    "expand_urls",
+    "make_reader",
+    "prescan_shard",
+    "triangle_filter",
+]
+
+# CLIP's RGB normalisation (OpenAI CLIP / open_clip), for pixels scaled to 0..1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Largest |DALI - reference| per normalised pixel the parity test accepts: 2 levels of 8 bits (2/255 / std
+# 0.26 = 0.03) of decoder difference; measured 4.8e-7 on this machine's CPU decode (module docstring)
+PIXEL_ATOL = 0.03
+
+SKIP_REASONS = (
+    "truncated_tar",
+    "missing_image",
+    "missing_caption",
+    "missing_json",
+    "bad_caption",
+    "bad_json",
+    "bad_jpeg",
+)
+COMPONENTS = ("jpg", "txt", "json")  # the members a sample needs; others are ignored
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: "__key__"-style members
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
+
+
+@dataclass
+class ImageTextConfig:
+    image_size: int = 32  # S: square resize target (no crop, aspect ratio not kept)
+    mean: tuple[float, float, float] = CLIP_MEAN  # per RGB channel, for 0..1 pixels
+    std: tuple[float, float, float] = CLIP_STD
+    batch_size: int = 8
+    decode: str = "auto"  # DaliReader: "auto" (GPU "mixed" decode when CUDA is available) | "cpu" | "gpu"
+    num_threads: int = 1  # DALI worker threads (the reference decodes in the calling thread)
+    seed: int = 0
+    shuffle: bool = False  # shard order + a sample buffer; readers shuffle differently
+    shuffle_buffer: int = 512  # samples held for shuffling (DALI initial_fill)
+
+    def __post_init__(self):
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if not 1 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be in [1, 4096], got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean {self.mean} and std {self.std} need 3 values each (R, G, B)")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"std must be > 0 per channel, got {self.std}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+    def decode_device(self) -> str:
+        """ "gpu" or "cpu" for this machine; "gpu" without CUDA is refused here, naming the field."""
+        if self.decode == "gpu" and not torch.cuda.is_available():
+            raise ValueError("decode='gpu' needs CUDA, which is not available (use decode='cpu' or 'auto')")
+        if self.decode == "auto":
+            return "gpu" if torch.cuda.is_available() else "cpu"
+        return self.decode
+
+
+@dataclass
+class ImageTextSample:
+    key: str  # the sample's name in the shard without extension, e.g. "000000042"
+    image: torch.Tensor  # (3, S, S) float32, resized then normalised
+    caption: str  # the .txt member, UTF-8
+    meta: dict  # the .json member (for generated scenes: objects and per-sentence ground truth)
+
+
+@dataclass
+class ImageTextBatch:
+    keys: list[str]  # B sample keys, in reading order
+    images: torch.Tensor  # (B, 3, S, S) float32; on the GPU after DALI "mixed" decode
+    captions: list[str]  # B captions
+    metas: list[dict]  # B parsed .json objects
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def samples(self) -> Iterator[ImageTextSample]:
+        for i, key in enumerate(self.keys):
+            yield ImageTextSample(key, self.images[i], self.captions[i], self.metas[i])
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard paths from a glob pattern ("dir/shard-*.tar"), a brace pattern ("shard-{000000..000009}.tar"),
+    or a list of either; raises ValueError naming a pattern that matches no file."""
+    import braceexpand  # webdataset's dependency
+
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    if not patterns:
+        raise ValueError("no shards given (urls is empty)")
+    out: list[str] = []
+    for pattern in patterns:
+        found = []
+        for p in braceexpand.braceexpand(pattern):
+            found += sorted(glob.glob(p)) if glob.has_magic(p) else [p] if os.path.isfile(p) else []
+        if not found:
+            raise ValueError(f"no shard matches {pattern!r}")
+        out += found
+    return out
+
+
+def _is_meta(name: str) -> bool:
+    """Members webdataset's tar iterator skips without reading ("__key__"-style names)."""
+    return "/" not in name and name.startswith("__") and name.endswith("__") or bool(_META_RE.match(name))
+
+
+def _key_ext(name: str | None) -> tuple[str | None, str | None]:
+    """(key, lower-case extension) as webdataset's group_by_keys splits a member name; (None, None) for a
+    name it drops (no extension)."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name) if name else (None, None)
+    return (key, ext.lower()) if key is not None else (None, None)
+
+
+def _jpeg_ok(data: bytes, draft: bool) -> bool:
+    """Whether Pillow decodes the bytes (draft=True: at 1/8 scale, still reading the whole stream)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if draft:
+                img.draft("RGB", (1, 1))
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def is_compressed(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6).startswith(_COMPRESSED_MAGIC)
+
+
+def ends_with_end_block(path: str) -> bool:
+    """Whether a tar file ends like a finished archive: a whole number of 512-byte blocks, the last one
+    zeros (the end-of-archive marker). A file cut between two members lacks it, though Python's tarfile
+    reads such a file to its end without complaint."""
+    size = os.path.getsize(path)
+    if size < 512 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 512)
+        return not any(f.read(512))
+
+
+def _sample_problem(parts: dict[str, bytes], check_jpeg: bool) -> str | None:
+    """The first reason (in SKIP_REASONS order) to drop a grouped sample, or None when it is good.
+    check_jpeg=False leaves "bad_jpeg" to the caller's own decode (the reference decodes in full anyway)."""
+    for ext, reason in zip(COMPONENTS, ("missing_image", "missing_caption", "missing_json")):
+        if ext not in parts:
+            return reason
+    try:
+        parts["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return "bad_caption"
+    try:
+        if not isinstance(json.loads(parts["json"]), dict):
+            return "bad_json"
+    except (ValueError, UnicodeDecodeError):
+        return "bad_json"
+    return "bad_jpeg" if check_jpeg and not _jpeg_ok(parts["jpg"], draft=True) else None
+
+
+def triangle_filter(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float32 matrix resizing one axis with a triangle filter ("linear + antialias"), as
+    DALI's fn.resize does it: half-pixel centres, half-width max(n_in / n_out, 1) input pixels (plain
+    linear interpolation when enlarging), taps beyond the border take the edge pixel's value.
+
+    Why not F.interpolate(mode="bilinear", antialias=True): it renormalises the cut-off filter at the
+    border instead, which moves the outermost output row/column by up to ~16/255 on noisy images.
+    Agrees with DALI's CPU resize to < 1e-3 (0..255 scale) for 2x, 2.7x, 9x down and 1.5x up.
+    """
+    scale = n_in / n_out
+    half = max(scale, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale  # input pixel j spans [j, j + 1)
+    offsets = torch.arange(-math.ceil(half) - 1, math.ceil(half) + 2)
+    taps = centre.floor().long()[:, None] + offsets[None, :]  # (n_out, K) input indices, may overhang
+    w = (1 - ((taps + 0.5) - centre[:, None]).abs() / half).clamp(min=0)
+    w = w / w.sum(1, keepdim=True)
+    out = torch.zeros(n_out, n_in, dtype=torch.float64)
+    out.scatter_add_(1, taps.clamp(0, n_in - 1), w)  # an overhanging tap lands on the edge pixel
+    return out.float()
+
+
+class _Counting:
+    """`skipped` / `seen` bookkeeping shared by both readers."""
+
+    def __init__(self, urls, cfg: ImageTextConfig):
+        self.urls = expand_urls(urls)
+        self.cfg = cfg
+        self.skipped: dict[str, int] = {}
+        self.seen = 0  # samples delivered, all epochs together
+        self.epoch = 0  # completed passes
+
+    def _skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def samples(self) -> Iterator[ImageTextSample]:
+        for batch in self:
+            yield from batch.samples()
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        raise NotImplementedError
+
+
+class WebDatasetReader(_Counting):
+    """Reference reader: webdataset tar iteration + key grouping, PIL decode, torch resize/normalise."""
+
+    def __init__(self, urls: str | Sequence[str], cfg: ImageTextConfig | None = None):
+        super().__init__(urls, cfg or ImageTextConfig())
+        c = self.cfg
+        self._mean = torch.tensor(c.mean).view(3, 1, 1) * 255  # (3, 1, 1): normalise uint8-scale pixels
+        self._std = torch.tensor(c.std).view(3, 1, 1) * 255
+        self._filters: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by input (H, W)
+
+    def _shard_parts(self, url: str) -> Iterator[dict]:
+        """Grouped samples of one shard (`{"__key__", ext: bytes}`), good or not; counts a broken tar."""
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        errors: list[Exception] = []
+        last = [""]  # name of the member webdataset read (or started reading) last
+
+        def stop(exn):  # webdataset's handler hook (member data cut short): remember, end this shard
+            errors.append(exn)
+            return False
+
+        def select(name):  # webdataset calls it before reading a member's data
+            last[0] = name
+            return True
+
+        def files():
+            with open(url, "rb") as stream:
+                try:
+                    for f in tar_file_iterator(stream, handler=stop, select_files=select):
+                        f["__url__"] = url
+                        yield f
+                except _TAR_ERRORS as exn:  # raised outside webdataset's handler (open, next header)
+                    errors.append(exn)
+            if not errors and not is_compressed(url) and not ends_with_end_block(url):
+                # cut between members: tarfile ends quietly (a compressed tar ends in its codec's trailer)
+                errors.append(EOFError(f"{url}: no end-of-archive block"))
+
+        # a duplicate member raises in group_by_keys; ignoring it keeps the first copy (as the pre-scan)
+        for parts in group_by_keys(files(), handler=lambda exn: True):
+            if errors and parts["__key__"] == _key_ext(last[0])[0]:
+                continue  # the sample that was being read when the tar broke (counted below)
+            yield parts
+        if errors:
+            self._skip("truncated_tar")
+
+    def _decode(self, jpg: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(jpg)) as img:
+            hwc = torch.from_numpy(np.array(img.convert("RGB"))).float()  # (H, W, 3), 0..255
+        h, w, s = hwc.shape[0], hwc.shape[1], self.cfg.image_size
+        if (h, w) not in self._filters:
+            self._filters[(h, w)] = (triangle_filter(h, s), triangle_filter(w, s))
+        rows, cols = self._filters[(h, w)]  # (S, H), (S, W)
+        x = rows @ hwc.permute(2, 0, 1) @ cols.T  # (S, H) @ (3, H, W) @ (W, S) -> (3, S, S)
+        return (x - self._mean) / self._std
+
+    def _good_samples(self, urls: list[str]) -> Iterator[ImageTextSample]:
+        for url in urls:
+            for parts in self._shard_parts(url):
+                problem = _sample_problem(parts, check_jpeg=False)
+                if problem is None:
+                    try:
+                        image = self._decode(parts["jpg"])
+                    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                        problem = "bad_jpeg"
+                if problem is not None:
+                    self._skip(problem)
+                    continue
+                caption = parts["txt"].decode("utf-8")
+                yield ImageTextSample(parts["__key__"], image, caption, json.loads(parts["json"]))
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        from webdataset.filters import _shuffle
+
+        c = self.cfg
+        urls, rng = list(self.urls), None
+        if c.shuffle:
+            rng = random.Random(c.seed * 1_000_003 + self.epoch)
+            rng.shuffle(urls)
+        stream = self._good_samples(urls)
+        if rng is not None:
+            stream = _shuffle(stream, bufsize=c.shuffle_buffer, initial=c.shuffle_buffer, rng=rng)
+        buf: list[ImageTextSample] = []
+        for sample in stream:
+            buf.append(sample)
+            if len(buf) == c.batch_size:
+                yield self._collate(buf)
+                buf = []
+        if buf:
+            yield self._collate(buf)
+        self.epoch += 1
+
+    def _collate(self, buf: list[ImageTextSample]) -> ImageTextBatch:
+        self.seen += len(buf)
+        return ImageTextBatch(
+            [s.key for s in buf],
+            torch.stack([s.image for s in buf]),
+            [s.caption for s in buf],
+            [s.meta for s in buf],
+        )
+
+
+def prescan_shard(url: str, index_path: str, skipped: dict[str, int]) -> int:
+    """Check every sample of one shard as the reference reader would and write a DALI index (wds2idx
+    "v1.2": a header line `v1.2 N`, then per sample `ext offset size name` per member) listing only the
+    good ones; adds the dropped ones to `skipped` by reason and returns N. Nothing is written when N = 0.
+
+    Reads the shard with tarfile in streaming mode, member data included, exactly as webdataset's
+    tar_file_iterator does, so a broken tar breaks at the same member in both readers."""
+    if is_compressed(url):
+        raise ValueError(f"{url}: compressed shard; DaliReader reads uncompressed .tar (members by offset)")
+    rows: list[str] = []
+    key, parts, where = None, {}, {}  # the sample being grouped: ext -> bytes, ext -> (offset, size)
+
+    def finish():
+        if key is None:
+            return
+        problem = _sample_problem(parts, check_jpeg=True)
+        if problem is not None:
+            skipped[problem] = skipped.get(problem, 0) + 1
+            return
+        name = urllib.parse.quote(key, safe="")  # no spaces: the index is space-separated
+        rows.append(" ".join(f"{ext} {where[ext][0]} {where[ext][1]} {name}" for ext in COMPONENTS))
+
+    last = None  # the member whose data was read (or started) last: the one a cut tar breaks in
+    try:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for member in tf:
+                if not member.isreg() or _is_meta(member.name):
+                    continue
+                last = member.name
+                data = tf.extractfile(member).read()  # read like webdataset: a cut member fails here
+                k, ext = _key_ext(member.name)
+                if k is None:
+                    continue
+                if k != key:
+                    finish()
+                    key, parts, where = k, {}, {}
+                if ext not in parts:  # a duplicate keeps the first copy (webdataset's group_by_keys too)
+                    parts[ext], where[ext] = data, (member.offset_data, member.size)
+        broken = not ends_with_end_block(url)  # cut between members: tarfile ends quietly
+    except _TAR_ERRORS:
+        broken = True
+    if broken:
+        skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
+        if _key_ext(last)[0] == key:
+            key = None  # drop the sample that was being read when the tar broke
+    finish()  # (when the broken member started a new key, the sample before it is whole: judged as usual)
+    if rows:
+        with open(index_path, "w", encoding="ascii") as f:
+            f.write(f"v1.2 {len(rows)}\n" + "".join(r + "\n" for r in rows))
+    return len(rows)
+
+
+class DaliReader(_Counting):
+    """NVIDIA DALI pipeline over pre-scanned shards (see the module docstring).
+
+    A thin wrapper instead of DALI's DALIGenericIterator: that iterator turns each output into one
+    dense tensor, so the variable-length txt/json bytes would need padding and unpadding, and it drops
+    the per-sample source_info that carries the key. Here each `Pipeline.run()` is one batch; the
+    reader pads the epoch's last batch by repeating its last sample (pad_last_batch), which is cut off
+    again, so every epoch starts on a batch boundary and yields each good sample exactly once.
+    """
+
+    def __init__(self, urls: str | Sequence[str], cfg: ImageTextConfig | None = None):
+        super().__init__(urls, cfg or ImageTextConfig())
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"DaliReader needs NVIDIA DALI (pip install nvidia-dali-cuda130): {e}") from e
+        self.device = self.cfg.decode_device()  # "gpu" -> "mixed" decode; refuses "gpu" without CUDA
+        self._tmp = tempfile.TemporaryDirectory(prefix="wds-dali-idx-")
+        self._scan_skipped: dict[str, int] = {}
+        self._shards: list[tuple[str, str]] = []  # (tar, index) of shards with at least one good sample
+        t0 = time.perf_counter()
+        indexes = [os.path.join(self._tmp.name, f"{i:06d}.idx") for i in range(len(self.urls))]
+        counts = [{} for _ in self.urls]
+        # shards in parallel on cfg.num_threads threads: Pillow's decoder and file reads release the GIL
+        with ThreadPoolExecutor(self.cfg.num_threads) as pool:
+            good = list(pool.map(prescan_shard, self.urls, indexes, counts))
+        for url, index, n, c in zip(self.urls, indexes, good, counts):
+            if n:
+                self._shards.append((url, index))
+            for reason, k in c.items():
+                self._scan_skipped[reason] = self._scan_skipped.get(reason, 0) + k
+        self.prescan_s = time.perf_counter() - t0  # the pre-scan's wall time (once per reader)
+        self.num_samples = sum(_index_count(idx) for _, idx in self._shards)  # good samples per epoch
+        self._pipe = None
+        self._mid_epoch = False  # an abandoned epoch leaves the pipeline mid-way: rebuild it
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        c, gpu = self.cfg, self.device == "gpu"
+
+        @pipeline_def(
+            batch_size=c.batch_size,
+            num_threads=c.num_threads,
+            device_id=torch.cuda.current_device() if gpu else None,  # None: a CPU-only pipeline
+            seed=c.seed,
+        )
+        def pipeline():
+            jpg, txt, meta = fn.readers.webdataset(
+                paths=[tar for tar, _ in self._shards],
+                index_paths=[idx for _, idx in self._shards],
+                ext=list(COMPONENTS),
+                missing_component_behavior="error",  # the pre-scan listed complete samples only
+                random_shuffle=c.shuffle,
+                initial_fill=c.shuffle_buffer,
+                pad_last_batch=True,
+                name="reader",
+            )
+            img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)  # HWC uint8
+            # float output: no rounding to uint8 between resize and normalise, as in the reference
+            img = fn.resize(
+                img,
+                size=[c.image_size, c.image_size],
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+                dtype=types.FLOAT,
+            )
+            img = fn.crop_mirror_normalize(
+                img,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[m * 255 for m in c.mean],
+                std=[s * 255 for s in c.std],
+            )  # (3, S, S)
+            return img, txt, meta
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, images, n: int) -> torch.Tensor:
+        dense = images.as_tensor()  # (B, 3, S, S): every image has the same size after resize
+        if self.device == "gpu":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(dense.shape(), dtype=torch.float32, device=torch.cuda.current_device())
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
+            return out[:n]
+        return torch.from_numpy(np.array(dense)[:n])  # a copy: DALI reuses its output buffers
+
+    def __iter__(self) -> Iterator[ImageTextBatch]:
+        for reason, n in self._scan_skipped.items():  # known from the pre-scan: counted as the pass starts
+            self._skip(reason, n)
+        if self.num_samples == 0:
+            self.epoch += 1
+            return
+        if self._pipe is None or self._mid_epoch:
+            self._pipe = self._build()
+        self._mid_epoch = True
+        left = self.num_samples
+        while left > 0:
+            images, txt, meta = self._pipe.run()
+            n = min(left, self.cfg.batch_size)
+            # source_info is "tar:offset:name"; the pre-scan wrote the url-quoted key as the name
+            keys = [urllib.parse.unquote(txt[i].source_info().rsplit(":", 1)[1]) for i in range(n)]
+            captions = [np.array(txt[i]).tobytes().decode("utf-8") for i in range(n)]
+            metas = [json.loads(np.array(meta[i]).tobytes()) for i in range(n)]
+            left -= n
+            self.seen += n
+            yield ImageTextBatch(keys, self._to_torch(images, n), captions, metas)
+        self._mid_epoch = False
+        self.epoch += 1
+
+
+def _index_count(index_path: str) -> int:
+    with open(index_path, encoding="ascii") as f:
+        return int(f.readline().split()[1])
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_reader(kind: str, urls: str | Sequence[str], cfg: ImageTextConfig | None = None):
+    """kind "dali" | "webdataset" | "auto" (DALI when it imports, else the webdataset reader)."""
+    if kind not in ("dali", "webdataset", "auto"):
+        raise ValueError(f"reader kind must be 'dali', 'webdataset' or 'auto', got {kind!r}")
+    if kind == "auto":
+        kind = "dali" if dali_available() else "webdataset"
+    return DaliReader(urls, cfg) if kind == "dali" else WebDatasetReader(urls, cfg)
