@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from megatron_step.config.mmrpt import MMRPTConfig
 from megatron_step.config.parallel import ParallelConfig
 from megatron_step.config.rl import RLConfig
 from megatron_step.models.step_flash.config import StepFlashConfig, preset
@@ -143,6 +144,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # posttrain/train_rl.py only
+    mmrpt: MMRPTConfig = field(default_factory=MMRPTConfig)  # pretrain/pretrain_mmrpt.py only
 
     def model_config(self) -> StepFlashConfig:
         base = preset(self.model_preset)
@@ -174,6 +176,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "rl": RLConfig,
+    "mmrpt": MMRPTConfig,
 }
 
 

@@ -35,6 +35,7 @@ def write_shards(samples, out: str, samples_per_shard: int, total: int | None = 
     """
     import webdataset as wds  # here: importing it is ~0.3 s
 
+    os.makedirs(out, exist_ok=True)
     shards: list[dict] = []
     writer = None
     bar = tqdm(total=total, unit="sample", desc="shards", disable=not progress)

@@ -129,20 +129,25 @@ class Engine:
 
     # -- low level: one forward through the cache ----------------------------------------------------
     @torch.no_grad()
-    def forward(self, cache: KVCache, tokens_BS: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+    def forward(
+        self, cache: KVCache, tokens_BS: torch.Tensor, routing: list | None = None, **model_kwargs
+    ) -> torch.Tensor:
         """Feed `tokens_BS` at positions [cache.length, cache.length + S) and advance the cache.
         Returns fp32 logits (B, S, V). With `routing` (a list), appends each MoE layer's chosen
         experts for these positions, (S, B, K) per layer, one entry per model call.
 
         Megatron-Core's static cache takes a multi-token chunk only as the first (prefill) call --
         later calls drop the causal mask (decode semantics) -- so a chunk fed into a non-empty cache
-        (after a truncation, or to teacher-force kept tokens) goes one position per call."""
+        (after a truncation, or to teacher-force kept tokens) goes one position per call.
+        `model_kwargs` go to the model call (e.g. `images` for the image-text model's prefill)."""
         tokens_BS = tokens_BS.to(self.device)
         b, s = tokens_BS.shape
         if cache.length + s > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + s}")
         if cache.length > 0 and s > 1:
-            return torch.cat([self.forward(cache, tokens_BS[:, i : i + 1], routing) for i in range(s)], 1)
+            return torch.cat(
+                [self.forward(cache, tokens_BS[:, i : i + 1], routing, **model_kwargs) for i in range(s)], 1
+            )
         start = cache.length
         pos = torch.arange(start, start + s, device=tokens_BS.device).unsqueeze(0).expand(b, s)
         record = routing is not None and bool(self.replays)
@@ -150,7 +155,9 @@ class Engine:
             if record:
                 r.set_router_replay_action(RouterReplayAction.RECORD)
         try:
-            logits = self.model(tokens_BS, pos, None, inference_context=cache.ctx, runtime_gather_output=True)
+            logits = self.model(
+                tokens_BS, pos, None, inference_context=cache.ctx, runtime_gather_output=True, **model_kwargs
+            )
         finally:
             for r in self.replays:
                 r.clear_router_replay_action()
@@ -192,16 +199,27 @@ class Engine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, record_routing: bool = True
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        record_routing: bool = True,
+        images: torch.Tensor | None = None,
     ) -> list[Generation]:
-        """Sample one response per prompt (repeat a prompt G times for a group)."""
+        """Sample one response per prompt (repeat a prompt G times for a group). `images` (B, 3, H, W),
+        one per prompt, are given to the image-text model with the prefill (models/vlm.py): the
+        prompts' `<image>` placeholders must lie within the shortest prompt."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("Engine.generate: every prompt needs at least one token")
         if len(prompts) > self.max_batch:
             return [
                 g
                 for i in range(0, len(prompts), self.max_batch)
-                for g in self.generate(prompts[i : i + self.max_batch], params, record_routing)
+                for g in self.generate(
+                    prompts[i : i + self.max_batch],
+                    params,
+                    record_routing,
+                    None if images is None else images[i : i + self.max_batch],
+                )
             ]
         t0 = time.perf_counter()
         was_training = self.model.training
@@ -221,7 +239,8 @@ class Engine:
         try:
             with mode:
                 prefix = torch.tensor([p[:lo] for p in prompts])
-                logits = self.forward(cache, prefix, routing)[:, -1]
+                extra = {} if images is None else {"images": images.to(self.device)}
+                logits = self.forward(cache, prefix, routing, **extra)[:, -1]
                 self.stats["prefill_tokens"] += b * lo
                 pos = lo  # position of the token chosen next
                 while True:

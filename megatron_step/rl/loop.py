@@ -373,6 +373,7 @@ def policy_update(
             if "adv_scale" in r.info
             else float(adv[i, j]),
             "routing": r.routing,
+            "image": r.info.get("image"),  # image-text rollouts (MMRPT)
         }
         for i, grp in enumerate(groups)
         for j, r in enumerate(grp)

@@ -7,6 +7,7 @@ Layout of a packed batch (B sequences, S = longest prompt + response - 1 positio
     mask[b, s]     = 1 where labels[b, s] is a response token (the positions RL trains on)
     old_logp, rollout_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask)
     advantages     = (B,), or (B, S) when items carry per-token advantages (segment-level credit)
+    images         = (B, 3, H, W) when items carry an "image" (the image-text model, models/vlm.py)
     routing[l]     = (S * B, K) experts of MoE layer l, rows in the router's order s * B + b
 Per-token log-probabilities come from Megatron-Core's own (vocab-parallel) cross-entropy on the
 labels: logp = -CE, so TP needs no gathered logits.
@@ -45,6 +46,8 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
         "rollout_logp": rollout,
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s),
     }
+    if items[0].get("image") is not None:
+        batch["images"] = torch.stack([it["image"] for it in items])
     if "advantage" in items[0]:
         if any(isinstance(it["advantage"], (list, tuple)) for it in items):
             # per-token advantages (segment-level credit): (B, S), 0 outside the response
@@ -94,7 +97,8 @@ def token_logp(model, batch: dict) -> torch.Tensor:
     unwrapped = getattr(model, "module", model)
     set_replay(unwrapped, batch.get("routing"))
     try:
-        ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        extra = {"images": batch["images"]} if "images" in batch else {}
+        ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **extra)
     finally:
         set_replay(unwrapped, None)  # the replayed indices are only needed by this forward
     return -ce.float()

@@ -37,19 +37,27 @@ def global_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (GLOBAL_BATCH, seq_length + 1), generator=g)
 
 
-def train_step(model, data: torch.Tensor) -> float | None:
+def train_step(model, data) -> float | None:
     """One fwd/bwd over this rank's DP slice of the global batch; returns the DP-mean loss (last
-    pipeline stage) or None (other stages)."""
+    pipeline stage) or None (other stages). `data`: (GLOBAL_BATCH, S + 1) token ids, or for the
+    image-text model a dict {"tokens": that, "images": (GLOBAL_BATCH, 3, H, W)}."""
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    local = data[dp_rank * GLOBAL_BATCH // dp : (dp_rank + 1) * GLOBAL_BATCH // dp]
-    micro = [(row[None, :-1], row[None, 1:]) for row in local]
+    rows = data["tokens"] if isinstance(data, dict) else data
+    lo, hi = dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp
+    if isinstance(data, dict):
+        micro = [
+            {"tokens": rows[i, None, :-1], "labels": rows[i, None, 1:], "images": data["images"][i, None]}
+            for i in range(lo, hi)
+        ]
+    else:
+        micro = [(row[None, :-1], row[None, 1:]) for row in rows[lo:hi]]
     model.zero_grad_buffer()
     losses = get_forward_backward_func()(
         forward_step_func=lm_forward_step,
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),
-        seq_length=data.shape[1] - 1,
+        seq_length=rows.shape[1] - 1,
         micro_batch_size=1,
         forward_only=False,
     )

@@ -53,14 +53,16 @@ def microbatches(dataset, step: int, gbs: int, mbs: int, dp: int, dp_rank: int) 
 # ---------------------------------------------------------------------------------------------
 # model + optimizer
 # ---------------------------------------------------------------------------------------------
-def build_model_and_optimizer(cfg: RunConfig):
+def build_model_and_optimizer(cfg: RunConfig, build=None):
+    """DDP-wrapped chunks, optimizer and LR schedule for `cfg`. `build(vp_stage)` makes one chunk
+    (default: the Step model of cfg.model_config(); the image-text model passes its own)."""
     mcfg = cfg.model_config()
     o = cfg.optim
     vpp = cfg.parallel.vpp
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        model = build_step_flash(mcfg, cfg.parallel, vp_stage=vp_stage)
+        model = build(vp_stage) if build else build_step_flash(mcfg, cfg.parallel, vp_stage=vp_stage)
         tag_routers(model, o.routers_to_adam)
         if o.freeze_norm_gains:
             freeze_norm_gains(model)

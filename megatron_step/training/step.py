@@ -2,7 +2,7 @@
 the language-model `forward_step_func` that Megatron-Core's schedules call, and the DDP wrapping.
 
 A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
-(B, S), or a (tokens, labels) pair.
+(B, S), and optional "images" (B, 3, H, W) for the image-text model; or a (tokens, labels) pair.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def lm_forward_step(data_iterator, model):
         pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     mask = batch.get("loss_mask")
     mask = mask.float() if mask is not None else None
-    per_token = model(tokens, pos, None, labels=labels, loss_mask=mask)  # (B, S) on the last stage
+    extra = {"images": batch["images"]} if "images" in batch else {}
+    per_token = model(tokens, pos, None, labels=labels, loss_mask=mask, **extra)  # (B, S) on the last stage
 
     def loss_func(per_token_loss):
         if mask is None:

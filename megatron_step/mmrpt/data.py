@@ -1,0 +1,92 @@
+"""MMRPT's data: generated-scene shards when none are given, the caption tokenizer, and the samples
+read through the image-text pipeline (DALI or the webdataset reference, megatron_step/data/wds.py).
+
+The tiny runs hold every decoded sample in memory (4,000 images of 3x32x32 floats: 49 MB); the reader
+is still the pipeline a cluster run streams from, and its skip counter is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_step.config.mmrpt import MMRPTConfig
+from megatron_step.data.shards import scene_samples, write_shards
+from megatron_step.data.tokenizer import StepTokenizer, train_tokenizer
+from megatron_step.mmrpt.text import Sentence, sentences_of
+
+log = logging.getLogger(__name__)
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out scenes come from another seed: no image is in both splits
+
+
+@dataclass
+class Sample:
+    key: str
+    image: torch.Tensor  # (3, S, S) normalised
+    caption: str
+    sentences: list[Sentence]
+
+
+def _scene_dir(m: MMRPTConfig, n: int, seed: int) -> str:
+    return os.path.join(m.data_dir, f"scenes-n{n}-seed{seed}-px{m.scene_image_size}")
+
+
+def ensure_scene_shards(m: MMRPTConfig, heldout: bool) -> str:
+    """Shards of generated scenes (written once, reused when their manifest says they are complete).
+    Returns the shard glob."""
+    n = m.heldout_scenes if heldout else m.scenes
+    seed = m.data_seed + (HELDOUT_SEED_OFFSET if heldout else 0)
+    out = _scene_dir(m, n, seed)
+    manifest = os.path.join(out, "manifest.json")
+    if not os.path.exists(manifest):
+        os.makedirs(out, exist_ok=True)
+        shards = write_shards(
+            scene_samples(n, seed, m.scene_image_size), out, samples_per_shard=1000, total=n, progress=False
+        )
+        tmp = manifest + ".tmp"
+        with open(tmp, "w") as f:  # written last: a crash mid-way leaves no manifest, so a rerun redoes it
+            json.dump({"scenes": n, "seed": seed, "size": m.scene_image_size, "shards": shards}, f)
+        os.replace(tmp, manifest)
+    return os.path.join(out, "shard-*.tar")
+
+
+def read_samples(pattern: str, m: MMRPTConfig) -> tuple[list[Sample], dict]:
+    """Every sample of the shards, decoded by the configured reader. Returns (samples, reader stats)."""
+    from megatron_step.data.wds import ImageTextConfig, make_reader
+
+    reader = make_reader(m.reader, pattern, ImageTextConfig(image_size=m.vision.image_size, batch_size=64))
+    out = []
+    for item in reader.samples():
+        image = item.image.cpu().clone()  # a view into the batch would keep the whole batch alive
+        out.append(Sample(item.key, image, item.caption, sentences_of(item.caption, item.meta)))
+    stats = {"reader": type(reader).__name__, "samples": len(out), "skipped": dict(reader.skipped)}
+    if any(reader.skipped.values()):
+        log.warning("mmrpt data %s: skipped %s", pattern, reader.skipped)
+    return out, stats
+
+
+def caption_tokenizer(m: MMRPTConfig, samples: list[Sample]) -> StepTokenizer:
+    """A SentencePiece tokenizer trained on the training captions (cached under data_dir by the
+    captions' content hash)."""
+    import hashlib
+
+    text = "\n".join(s.caption for s in samples)
+    digest = hashlib.sha1(f"{m.tokenizer_vocab_size}\n{text}".encode()).hexdigest()[:12]
+    prefix = os.path.join(m.data_dir, f"tok-{digest}", "captions")
+    if not os.path.exists(prefix + ".model"):
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        corpus = prefix + ".txt"
+        with open(corpus, "w") as f:
+            f.write(text + "\n")
+        tmp = train_tokenizer([corpus], prefix + ".part", vocab_size=m.tokenizer_vocab_size)
+        os.replace(tmp, prefix + ".model")
+        os.replace(prefix + ".part.vocab", prefix + ".vocab")
+    return StepTokenizer(prefix + ".model")
+
+
+__all__ = ["Sample", "caption_tokenizer", "ensure_scene_shards", "read_samples"]
