@@ -127,9 +127,14 @@ def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> D
     if not caps.cuda:
         cpu_patches.apply_cpu_patches()
         patched = True
-        # 2 cores per box: intra-op threads per rank = cores / local ranks, at least 1.
+        # 2 cores per box: intra-op threads per rank = cores / local ranks, at least 1; an explicit
+        # OMP_NUM_THREADS wins (benchmark jobs run several processes side by side with 1 thread each:
+        # a second thread per process then spins on an occupied core and slows every process down)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(threads)
     rank, world_size, local_rank = init_torch_distributed(timeout_s)
     parallel.validate(world_size)
     if parallel_state.model_parallel_is_initialized():
