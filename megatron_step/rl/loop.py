@@ -490,7 +490,7 @@ def train_rl(cfg: RunConfig) -> dict:
         env = platform.setup(cfg.parallel, seed=t.seed)
     rl_cfg = rl_model_overrides(cfg)
     mcfg, chunks, optimizer, scheduler = build_model_and_optimizer(rl_cfg)
-    checkpoint.load_model_weights(init_from, chunks)
+    checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
     module = chunks[0].module
     engine = Engine(module, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
     reward_fn = resolve_reward_fn(r.reward_fn) or WeightedSum(

@@ -196,9 +196,14 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
     return {"step": common["step"], "extra": common["extra"], "path": path}
 
 
-def load_model_weights(run_dir: str, chunks, step: int | None = None) -> int:
+def load_model_weights(run_dir: str, chunks, step: int | None = None, optimizer=None) -> int:
     """Load only the model weights of `step` (default: latest) into `chunks` -- a new stage (RL from
-    a pretrained/SFT checkpoint) starts with its own optimizer and schedule. Returns the step."""
+    a pretrained/SFT checkpoint) starts with its own optimizer and schedule. Returns the step.
+
+    Pass the stage's `optimizer` when it exists already: a mixed-precision (bf16) optimizer keeps fp32
+    main copies of the parameters made when it was built, and its first step would otherwise write
+    those (the initial weights) back over the loaded ones. (fp32 optimizers step views of the
+    parameters themselves, so there it changes nothing.)"""
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {_ckpt_root(run_dir)} (no 'latest' file)")
@@ -210,4 +215,6 @@ def load_model_weights(run_dir: str, chunks, step: int | None = None) -> int:
     else:
         for i, c in enumerate(chunks):
             c.module.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.reload_model_params()
     return step
