@@ -15,7 +15,6 @@ The loop: megatron_step/rl/loop.py; losses (GRPO/TIS/MIS-PO): megatron_step/rl/l
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -23,18 +22,13 @@ import warnings
 warnings.filterwarnings("ignore", message=".*not installed.*")  # TE/apex absent on CPU: expected
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_step.config.run import load_run_config  # noqa: E402
+from megatron_step.config.run import cli_run_config  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description="Step 3.5 Flash off-policy RL (Megatron-Core)")
-    ap.add_argument("--config", help="run YAML (model_preset + sections incl. rl)")
-    ap.add_argument("overrides", nargs="*", help="section.field=value")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ValueError as e:
-        sys.exit(f"config error: {e}")
+    cfg = cli_run_config(
+        "Step 3.5 Flash off-policy RL (Megatron-Core)", argv, "run YAML (model_preset + sections incl. rl)"
+    )
 
     from megatron_step import platform
     from megatron_step.rl.loop import train_rl

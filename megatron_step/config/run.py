@@ -257,4 +257,20 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     return cfg
 
 
-__all__ = ["DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "load_run_config"]
+def cli_run_config(description: str, argv=None, config_help: str = "run YAML (model_preset + sections)"):
+    """An entry point's command line: `--config FILE` and `section.field=value` overrides. A bad
+    config exits with `config error: ...` (the field, the value, what is wrong) instead of a traceback."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help=config_help)
+    ap.add_argument("overrides", nargs="*", help="section.field=value")
+    args = ap.parse_args(argv)
+    try:
+        return load_run_config(args.config, args.overrides)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+
+
+__all__ = ["DataConfig", "OptimConfig", "RunConfig", "TrainConfig", "cli_run_config", "load_run_config"]

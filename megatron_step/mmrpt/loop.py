@@ -146,7 +146,14 @@ def lm_step(chunks, optimizer, scheduler, batch: dict, mbs: int) -> dict:
     return {"loss/lm loss": loss, "grad norm": float(grad_norm or 0.0)}
 
 
-def _rank_share(items: list, step_seed: int | None = None) -> list:
+def caption_step(chunks, optimizer, scheduler, codec, samples: list[Sample], rng, cfg) -> dict:
+    """One imitation step: next-token loss on `samples` in the warm-up's mixture of formats."""
+    seqs = caption_sequences(codec, samples, rng, cfg.mmrpt.fill_in_fraction)
+    batch = lm_batch(seqs, _images(samples), codec.visual[1], codec.tok.pad)
+    return lm_step(chunks, optimizer, scheduler, batch, cfg.train.micro_batch_size)
+
+
+def _rank_share(items: list) -> list:
     dp, rank = _dp()
     return items[rank::dp]
 
@@ -322,14 +329,7 @@ def caption_warmup(cfg: RunConfig, codec, train: list[Sample], out_dir: str) -> 
     losses = []
     for step in range(m.warmup_steps):
         part = _rank_share(_step_samples(train, order, step, m.batch_size))
-        seqs = caption_sequences(codec, part, rng, m.fill_in_fraction)
-        out = lm_step(
-            chunks,
-            optimizer,
-            scheduler,
-            lm_batch(seqs, _images(part), codec.visual[1], codec.tok.pad),
-            t.micro_batch_size,
-        )
+        out = caption_step(chunks, optimizer, scheduler, codec, part, rng, cfg)
         out = _mean_over_dp(out)
         losses.append(out["loss/lm loss"])
         monitor.scalars(step + 1, out)
@@ -359,7 +359,7 @@ def train_mmrpt(cfg: RunConfig) -> dict:
     lm_cfg = cfg.model_config()
     codec = CaptionCodec(tok, m.vision.num_image_tokens, m.response_format)
     layers = m.dependency_layers or default_dependency_layers(lm_cfg)
-    tasks = heldout_tasks(heldout, t.seed)
+    tasks = heldout_tasks(heldout, m.data_seed)  # the same masked sentences for every run on this data
     # 2. warm-up
     init_from = m.init_from or os.path.join(t.run_dir, "warmup")
     warm = None
@@ -373,7 +373,7 @@ def train_mmrpt(cfg: RunConfig) -> dict:
     # 3. the phase
     pcfg = vlm_run_config(cfg, tok, cfg.optim.lr, cfg.optim.min_lr, t.steps)
     chunks, optimizer, scheduler = build_vlm(pcfg, codec)
-    checkpoint.load_model_weights(init_from, chunks)
+    checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
     model = chunks[0].module
     engine = Engine(model, eos_id=tok.eos, pad_id=tok.pad)
     forward_step = make_forward_step(m.loss)
@@ -419,14 +419,7 @@ def train_mmrpt(cfg: RunConfig) -> dict:
                 metrics.update(policy_update(chunks, optimizer, scheduler, groups, pcfg, forward_step))
         else:
             part = _rank_share(_step_samples(train, order, step, m.batch_size))
-            seqs = caption_sequences(codec, part, rng, m.fill_in_fraction)
-            metrics = lm_step(
-                chunks,
-                optimizer,
-                scheduler,
-                lm_batch(seqs, _images(part), codec.visual[1], tok.pad),
-                t.micro_batch_size,
-            )
+            metrics = caption_step(chunks, optimizer, scheduler, codec, part, rng, pcfg)
         metrics["time/step seconds"] = time.perf_counter() - t0
         metrics = _mean_over_dp(metrics)
         monitor.scalars(step + 1, metrics)

@@ -150,8 +150,9 @@ class StepVLM(MegatronModule):
         self.class_token_len = self.vision_model.class_token_len
         dev = next(language_model.parameters()).device
         if dev.type != "meta":
-            self.vision_model.to(dev)
-            self.vision_projection.to(dev)
+            # CLIPViTModel's patch conv is a plain torch Conv2d (fp32); the rest follows params_dtype
+            self.vision_model.to(device=dev, dtype=vcfg.params_dtype)
+            self.vision_projection.to(device=dev, dtype=vcfg.params_dtype)
 
     # Megatron-Core's schedules call this on the model they run (one stage here: never given a tensor)
     def set_input_tensor(self, input_tensor) -> None:

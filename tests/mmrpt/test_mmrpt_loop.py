@@ -95,3 +95,15 @@ def test_mmrpt_and_caption_baseline_from_one_warmup(shards, tmp_path):
     assert cap["start"]["attribute accuracy"] == rl["start"]["attribute accuracy"]
     assert cap["start"]["caption loss"] == pytest.approx(rl["start"]["caption loss"], rel=1e-6)
     assert all("loss/lm loss" in h for h in cap["history"])
+
+
+@pytest.mark.slow
+def test_mmrpt_runs_data_parallel_on_two_ranks(shards, tmp_path):
+    """DP=2: each rank takes half of the step's captions; metrics are averaged over ranks, so both
+    ranks return the same history (the model's DP parity is tests/models/test_vlm.py)."""
+    ov = _overrides(shards, str(tmp_path / "dp2"), "rl")
+    ov[ov.index(f"mmrpt.init_from={shards[2]}/warmup")] = f"mmrpt.init_from={tmp_path}/warmup"
+    a, b = run_distributed(_run, 2, ov)
+    assert a["data"]["train"]["skipped"] == SKIPPED
+    assert a["history"] == b["history"]
+    assert all("reward/total" in h for h in a["history"])

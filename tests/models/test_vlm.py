@@ -85,19 +85,22 @@ def _generate(rank, world_size):
         {"prompt_ids": g.prompt_ids, "response_ids": g.response_ids, "routing": g.routing, "image": img}
         for g, img in zip(gens, images)
     ]
-    batch = pack(items)
+    batch = platform.to_device(pack(items))
     with torch.no_grad():
         fresh = token_logp(model, batch)
+    fresh = fresh.cpu()
     got = torch.zeros_like(fresh)
     for i, g in enumerate(gens):
         p = len(g.prompt_ids)
         got[i, p - 1 : p - 1 + len(g.logprobs)] = torch.tensor(g.logprobs)
-    err = float(((fresh - got) * batch["mask"]).abs().max())
+    err = float(((fresh - got) * batch["mask"].cpu()).abs().max())
     # without the image the same prompts give other log-probs: the image really reached the prefill
     plain = Engine(model, eos_id=3)
     again = plain.generate(prompts, SamplingParams(max_new_tokens=6, seed=1), images=images.flip(0))
     differs = again[0].logprobs != gens[0].logprobs
-    return {"err": err, "tokens": sum(len(g.response_ids) for g in gens), "differs": differs}
+    device = str(next(model.parameters()).device)
+    n = sum(len(g.response_ids) for g in gens)
+    return {"err": err, "tokens": n, "differs": differs, "device": device}
 
 
 def test_generation_with_the_image_in_the_prefill_matches_a_full_forward():
@@ -107,15 +110,30 @@ def test_generation_with_the_image_in_the_prefill_matches_a_full_forward():
     assert out["differs"]
 
 
+@pytest.mark.gpu
+def test_generation_with_the_image_on_the_gpu():
+    out = run_distributed(_generate, 1)[0]  # the model goes to CUDA when there is one
+    assert out["device"].startswith("cuda")
+    assert out["tokens"] > 0 and out["differs"]
+    assert out["err"] < 1e-3, out  # GPU matmuls (TF32 off by default in fp32): a looser bound
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return make_reference(BUILD, DATA, str(tmp_path_factory.mktemp("ref")))
 
 
+# tp2-sp exercises the most (tensor-parallel ViT, projector and vocab-parallel embedding, the merged
+# embeddings scattered along the sequence); the others are `slow` to keep `make test` short
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "layout",
-    [{"tp": 2}, {"tp": 2, "sequence_parallel": True}, {"ep": 2}, {}],
+    [
+        pytest.param({"tp": 2}, marks=pytest.mark.slow),
+        {"tp": 2, "sequence_parallel": True},
+        pytest.param({"ep": 2}, marks=pytest.mark.slow),
+        pytest.param({}, marks=pytest.mark.slow),
+    ],
     ids=["tp2", "tp2-sp", "ep2", "dp2"],
 )
 def test_two_rank_layout_matches_1proc(reference, tmp_path, layout):
