@@ -47,7 +47,7 @@ from megatron_step.mmrpt.text import CaptionCodec, semantic_visual_reward
 from megatron_step.models.vlm import build_step_vlm
 from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.engine import Engine, SamplingParams
-from megatron_step.rl.loop import _dp, _mean_over_dp, policy_update
+from megatron_step.rl.loop import _dp, policy_update
 from megatron_step.rl.policy import make_forward_step
 from megatron_step.training import checkpoint
 from megatron_step.training.loop import build_model_and_optimizer
@@ -151,6 +151,20 @@ def caption_step(chunks, optimizer, scheduler, codec, samples: list[Sample], rng
     seqs = caption_sequences(codec, samples, rng, cfg.mmrpt.fill_in_fraction)
     batch = lm_batch(seqs, _images(samples), codec.visual[1], codec.tok.pad)
     return lm_step(chunks, optimizer, scheduler, batch, cfg.train.micro_batch_size)
+
+
+def _mean_over_ranks(metrics: dict) -> dict:
+    """Per key, the mean over the data-parallel ranks that report it (ranks can differ in keys: a rank
+    whose masked sentences are all generic has no attribute term, for example)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if _dp()[0] == 1:
+        return metrics
+    gathered: list = [None] * _dp()[0]
+    dist.all_gather_object(gathered, metrics, group=ps.get_data_parallel_group())
+    keys = sorted({k for g in gathered for k in g})
+    return {k: sum(g[k] for g in gathered if k in g) / sum(1 for g in gathered if k in g) for k in keys}
 
 
 def _rank_share(items: list) -> list:
@@ -330,7 +344,7 @@ def caption_warmup(cfg: RunConfig, codec, train: list[Sample], out_dir: str) -> 
     for step in range(m.warmup_steps):
         part = _rank_share(_step_samples(train, order, step, m.batch_size))
         out = caption_step(chunks, optimizer, scheduler, codec, part, rng, cfg)
-        out = _mean_over_dp(out)
+        out = _mean_over_ranks(out)
         losses.append(out["loss/lm loss"])
         monitor.scalars(step + 1, out)
         monitor.progress(1, {"loss": out["loss/lm loss"]})
@@ -415,13 +429,15 @@ def train_mmrpt(cfg: RunConfig) -> dict:
             groups, metrics = mmrpt_rollouts(
                 engine, model, codec, part, pcfg, step, layers, seed=t.seed * 100_003 + step * 101 + _dp()[1]
             )
+            # never empty on a rank with samples (the top sentence reaches any quantile of its own
+            # batch), so every data-parallel rank takes part in the update's gradient all-reduce
             if groups:
                 metrics.update(policy_update(chunks, optimizer, scheduler, groups, pcfg, forward_step))
         else:
             part = _rank_share(_step_samples(train, order, step, m.batch_size))
             metrics = caption_step(chunks, optimizer, scheduler, codec, part, rng, pcfg)
         metrics["time/step seconds"] = time.perf_counter() - t0
-        metrics = _mean_over_dp(metrics)
+        metrics = _mean_over_ranks(metrics)
         monitor.scalars(step + 1, metrics)
         history.append({"step": step + 1, **metrics})
         monitor.progress(1, {k: metrics[k] for k in ("reward/total", "loss/lm loss") if k in metrics})

@@ -15,8 +15,10 @@ position embeddings, ViT TransformerBlock with tensor-parallel linears), `Multim
 (tensor-parallel MLP), and the Step GPTModel, which takes the merged embeddings through its own
 `decoder_input` argument. Tensor parallelism applies to all three (the word embedding is vocab-parallel
 and all-reduced, the ViT and projector linears are column/row parallel); with sequence parallelism the
-merged embeddings are scattered along the sequence as GPTModel's own embedding would do. The model is
-one pipeline stage (pp=1): the RL engine runs the whole model per rank.
+merged embeddings are scattered along the sequence as GPTModel's own embedding would do. Pipeline
+parallelism: the vision tower and projector live on the first stage, with the embedding (later stages
+receive hidden states from Megatron-Core's schedule as for text). The RL engine and MMRPT's loop run the
+whole model per rank (pp=1); the caption objective is where PP would be used.
 
 Generation: with an inference context (the RL engine's KV cache), images are used only by the call that
 fills the cache from position 0 (the prefill); later calls feed text tokens only.
@@ -129,6 +131,10 @@ class StepVLM(MegatronModule):
         self.image_token_id = image_token_id
         self.language_model = language_model
         self.model_type = language_model.model_type  # read by Megatron-Core's schedules
+        self.pre_process = language_model.pre_process
+        self.vision_model = self.vision_projection = None
+        if not self.pre_process:  # a later pipeline stage: hidden states come from the previous one
+            return
         vcfg = _vision_transformer_config(vision, language_model.config)
         # local spec (Megatron-Core linears, materialised attention): runs on CPU and GPU alike; the
         # ViT is a small share of the model's time
@@ -154,7 +160,19 @@ class StepVLM(MegatronModule):
             self.vision_model.to(device=dev, dtype=vcfg.params_dtype)
             self.vision_projection.to(device=dev, dtype=vcfg.params_dtype)
 
-    # Megatron-Core's schedules call this on the model they run (one stage here: never given a tensor)
+    # read by Megatron-Core's finalize_model_grads (embedding-group all-reduce under PP)
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # Megatron-Core's schedules hand a later pipeline stage its input through this
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
@@ -213,7 +231,7 @@ class StepVLM(MegatronModule):
     ):
         decoder_input = None
         prefill = inference_context is None or inference_context.sequence_len_offset == 0
-        if images is not None and prefill:
+        if images is not None and prefill and self.pre_process:
             decoder_input = self.merged_embeddings(input_ids, images)
         return self.language_model(
             input_ids,
@@ -235,9 +253,7 @@ def vlm_language_config(lm_cfg: StepFlashConfig) -> StepFlashConfig:
 def build_step_vlm(
     lm_cfg: StepFlashConfig, vision: VisionConfig, parallel: ParallelConfig, image_token_id: int
 ) -> StepVLM:
-    if parallel.pp != 1:
-        raise ValueError(f"parallel.pp={parallel.pp}: the image-text model is built as one stage (pp=1)")
-    lm = build_step_flash(vlm_language_config(lm_cfg), parallel)
+    lm = build_step_flash(vlm_language_config(lm_cfg), parallel)  # this rank's pipeline stage
     return StepVLM(lm, vision, image_token_id)
 
 

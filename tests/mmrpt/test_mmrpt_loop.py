@@ -75,8 +75,14 @@ def _overrides(shards, run_dir, objective):
     ]
 
 
-def test_mmrpt_and_caption_baseline_from_one_warmup(shards, tmp_path):
-    rl = run_distributed(_run, 1, _overrides(shards, str(tmp_path / "rl"), "rl"))[0]
+@pytest.fixture(scope="module")
+def rl_run(shards, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("rl"))
+    return run_dir, run_distributed(_run, 1, _overrides(shards, run_dir, "rl"))[0]
+
+
+def test_mmrpt_run_skips_corrupt_samples_and_logs_rewards(rl_run):
+    run_dir, rl = rl_run
     # the corrupt samples were skipped and counted; every good one was read (48 + 2)
     assert rl["data"]["train"]["skipped"] == SKIPPED
     assert rl["data"]["train"]["samples"] == 50
@@ -86,10 +92,16 @@ def test_mmrpt_and_caption_baseline_from_one_warmup(shards, tmp_path):
     steps = rl["history"]
     assert [h["step"] for h in steps] == [1, 2]
     assert all("reward/total" in h and "mask/threshold" in h and "loss/policy loss" in h for h in steps)
-    scalars = _scalars(str(tmp_path / "rl")).Tags()["scalars"]
+    scalars = _scalars(run_dir).Tags()["scalars"]
     assert {"reward/total", "reward/attribute", "mask/visual precision", "eval/D roc_auc"} <= set(scalars)
-    assert os.path.exists(tmp_path / "rl" / "result.json")
-    # the baseline starts from the same warm-up checkpoint (no second warm-up) with the same evaluation
+    assert os.path.exists(os.path.join(run_dir, "result.json"))
+
+
+@pytest.mark.slow
+def test_caption_baseline_starts_from_the_same_warmup(shards, rl_run, tmp_path):
+    """The baseline loads the warm-up checkpoint the MMRPT run wrote (no second warm-up) and is
+    evaluated on the same held-out tasks."""
+    _, rl = rl_run
     cap = run_distributed(_run, 1, _overrides(shards, str(tmp_path / "cap"), "caption"))[0]
     assert cap["warmup"] is None
     assert cap["start"]["attribute accuracy"] == rl["start"]["attribute accuracy"]

@@ -33,5 +33,6 @@ def test_two_rank_layout_matches_1proc(reference, tmp_path, layout):
     compare_layout(BUILD, layout, DATA, reference, str(tmp_path))
 
 
+@pytest.mark.slow  # 4 processes on a 2-core CI box; tp2-sp and ep2 alone stay in `make test`
 def test_tp2_x_ep2_four_ranks_matches_1proc(reference, tmp_path):
     compare_layout(BUILD, {"tp": 2, "ep": 2}, DATA, reference, str(tmp_path), world_size=4)

@@ -1,6 +1,6 @@
 """The image-text Step model (models/vlm.py): image patches land on the `<image>` slots, generation
-with the image in the prefill reuses the KV cache and matches a full forward, and TP=2 (+SP), EP=2
-and DP=2 match 1 process in loss and every gradient (fp32, gloo)."""
+with the image in the prefill reuses the KV cache and matches a full forward, and TP=2 (+SP), EP=2,
+DP=2 and PP=2 match 1 process in loss and every gradient (fp32, gloo)."""
 
 from __future__ import annotations
 
@@ -133,8 +133,9 @@ def reference(tmp_path_factory):
         {"tp": 2, "sequence_parallel": True},
         pytest.param({"ep": 2}, marks=pytest.mark.slow),
         pytest.param({}, marks=pytest.mark.slow),
+        pytest.param({"pp": 2}, marks=pytest.mark.slow),
     ],
-    ids=["tp2", "tp2-sp", "ep2", "dp2"],
+    ids=["tp2", "tp2-sp", "ep2", "dp2", "pp2"],
 )
 def test_two_rank_layout_matches_1proc(reference, tmp_path, layout):
     compare_layout(BUILD, layout, DATA, reference, str(tmp_path))
