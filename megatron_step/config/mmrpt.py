@@ -72,9 +72,11 @@ class MMRPTConfig:
     def __post_init__(self):
         self.vision = _nested(self.vision, VisionConfig, "mmrpt.vision")
         self.loss = _nested(self.loss, PolicyLossConfig, "mmrpt.loss")
-        for name in ("scenes", "heldout_scenes", "warmup_steps", "batch_size", "prompts_per_step"):
-            if getattr(self, name) < 0 or (name != "warmup_steps" and getattr(self, name) == 0):
+        for name in ("scenes", "heldout_scenes", "batch_size", "prompts_per_step"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"mmrpt.{name}={getattr(self, name)}: must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"mmrpt.warmup_steps={self.warmup_steps}: must be >= 0")
         if self.group_size < 2:
             raise ValueError(f"mmrpt.group_size={self.group_size}: GRPO needs >= 2 rollouts per prompt")
         if self.max_new_tokens < 2:
