@@ -443,6 +443,10 @@ def train_mmrpt(cfg: RunConfig) -> dict:
         monitor.progress(1, {k: metrics[k] for k in ("reward/total", "loss/lm loss") if k in metrics})
         if m.eval_interval and (step + 1) % m.eval_interval == 0 and step + 1 < t.steps:
             evaluate(step + 1)
+        if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 < t.steps:
+            # weights to evaluate or to start another stage from (`mmrpt.init_from`); no resume yet
+            stage = {"stage": m.objective}
+            checkpoint.save_checkpoint(t.run_dir, step + 1, chunks, optimizer, scheduler, stage)
     end_eval = evaluate(t.steps)
     monitor.close()
     checkpoint.save_checkpoint(t.run_dir, t.steps, chunks, optimizer, scheduler, {"stage": m.objective})
@@ -452,8 +456,8 @@ def train_mmrpt(cfg: RunConfig) -> dict:
         "warmup": warm,
         "data": {"train": train_stats, "heldout": heldout_stats},
         "dependency_layers": layers,
-        "start": {k: v for k, v in start_eval.items()},
-        "end": {k: v for k, v in end_eval.items()},
+        "start": start_eval,
+        "end": end_eval,
         "curve": curve,
         "history": history,
     }

@@ -71,6 +71,7 @@ def _overrides(shards, run_dir, objective):
         f"mmrpt.objective={objective}",
         "train.steps=2",
         "train.micro_batch_size=4",
+        "train.save_interval=1",
         f"train.run_dir={run_dir}",
     ]
 
@@ -95,6 +96,9 @@ def test_mmrpt_run_skips_corrupt_samples_and_logs_rewards(rl_run):
     scalars = _scalars(run_dir).Tags()["scalars"]
     assert {"reward/total", "reward/attribute", "mask/visual precision", "eval/D roc_auc"} <= set(scalars)
     assert os.path.exists(os.path.join(run_dir, "result.json"))
+    from megatron_step.training.checkpoint import _iter_dir, latest_step
+
+    assert latest_step(run_dir) == 2 and os.path.isdir(_iter_dir(run_dir, 1))  # mid-run save + final
 
 
 @pytest.mark.slow
