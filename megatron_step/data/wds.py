@@ -42,8 +42,10 @@ listing only the good samples, each member named by the url-quoted sample key, w
 as the output's source_info. The two readers' counts are then identical (tested for every cut
 position of a shard). Cost, measured in docs/benchmarks.md §11 on 64 px scenes: ~400 us per sample on
 one thread of a loaded 2-core box (pre-scan threads: cfg.num_threads, one shard each), i.e. 2-3 DALI
-CPU epochs or ~1/4 of a reference epoch, paid once per reader (not cached across runs). DALI counts a
-pass's skips when the pass starts; the reference as it streams; after whole passes they are equal.
+CPU epochs or ~1/4 of a reference epoch, paid once per reader, or once per shard version with
+`cfg.index_cache` (a directory keyed by path, size and mtime; MMRPT keeps it under its data_dir).
+DALI counts a pass's skips when the pass starts; the reference as it streams; after whole passes they
+are equal.
 Uncompressed .tar shards only (DALI reads members by byte offset).
 
 Pixels: both readers resize the decoded image in float32 with a triangle filter ("linear + antialias":
@@ -71,6 +73,7 @@ import random
 import re
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -131,6 +134,10 @@ class ImageTextConfig:
     seed: int = 0
     shuffle: bool = False  # shard order + a sample buffer; readers shuffle differently
     shuffle_buffer: int = 512  # samples held for shuffling (DALI initial_fill)
+    # DaliReader: a directory keeping each shard's pre-scan (DALI index + skip counts), keyed by the
+    # shard's absolute path, size and mtime, so a later reader of unchanged shards skips the scan.
+    # None: a temporary directory per reader (scan every time)
+    index_cache: str | None = None
 
     def __post_init__(self):
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
@@ -459,6 +466,42 @@ def prescan_shard(url: str, index_path: str, skipped: dict[str, int]) -> int:
     return len(rows)
 
 
+def _cache_name(url: str) -> str:
+    """The cache entry of a shard: its absolute path, size and mtime (a rewritten shard misses)."""
+    import hashlib
+
+    st = os.stat(url)
+    ident = f"{os.path.abspath(url)}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha1(ident.encode()).hexdigest()
+
+
+def _cached_prescan(url: str, index_path: str, skipped: dict[str, int]) -> int:
+    """`prescan_shard` through the index cache: the index and a small json (good count, skip counts)
+    next to it; written to temporary names and renamed, so concurrent readers (ranks) never see half
+    an entry."""
+    meta = index_path[: -len(".idx")] + ".json"
+    try:
+        with open(meta) as f:
+            entry = json.load(f)
+        if entry["good"] == 0 or os.path.exists(index_path):
+            for reason, k in entry["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + k
+            return entry["good"]
+    except (OSError, ValueError, KeyError):
+        pass  # no entry (or an unreadable one): scan
+    mine: dict[str, int] = {}
+    tmp = f"{index_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    good = prescan_shard(url, tmp, mine)
+    if good:
+        os.replace(tmp, index_path)
+    with open(tmp + ".json", "w") as f:
+        json.dump({"url": os.path.abspath(url), "good": good, "skipped": mine}, f)
+    os.replace(tmp + ".json", meta)
+    for reason, k in mine.items():
+        skipped[reason] = skipped.get(reason, 0) + k
+    return good
+
+
 class DaliReader(_Counting):
     """NVIDIA DALI pipeline over pre-scanned shards (see the module docstring).
 
@@ -480,11 +523,17 @@ class DaliReader(_Counting):
         self._scan_skipped: dict[str, int] = {}
         self._shards: list[tuple[str, str]] = []  # (tar, index) of shards with at least one good sample
         t0 = time.perf_counter()
-        indexes = [os.path.join(self._tmp.name, f"{i:06d}.idx") for i in range(len(self.urls))]
+        cache = self.cfg.index_cache
+        if cache:
+            os.makedirs(cache, exist_ok=True)
+            indexes = [os.path.join(cache, _cache_name(u) + ".idx") for u in self.urls]
+        else:
+            indexes = [os.path.join(self._tmp.name, f"{i:06d}.idx") for i in range(len(self.urls))]
         counts = [{} for _ in self.urls]
+        scan = _cached_prescan if cache else prescan_shard
         # shards in parallel on cfg.num_threads threads: Pillow's decoder and file reads release the GIL
         with ThreadPoolExecutor(self.cfg.num_threads) as pool:
-            good = list(pool.map(prescan_shard, self.urls, indexes, counts))
+            good = list(pool.map(scan, self.urls, indexes, counts))
         for url, index, n, c in zip(self.urls, indexes, good, counts):
             if n:
                 self._shards.append((url, index))

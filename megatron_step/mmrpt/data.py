@@ -59,7 +59,12 @@ def read_samples(pattern: str, m: MMRPTConfig) -> tuple[list[Sample], dict]:
     """Every sample of the shards, decoded by the configured reader. Returns (samples, reader stats)."""
     from megatron_step.data.wds import ImageTextConfig, make_reader
 
-    reader = make_reader(m.reader, pattern, ImageTextConfig(image_size=m.vision.image_size, batch_size=64))
+    cfg = ImageTextConfig(
+        image_size=m.vision.image_size,
+        batch_size=64,
+        index_cache=os.path.join(m.data_dir, "dali-index"),  # DALI pre-scan once per shard version
+    )
+    reader = make_reader(m.reader, pattern, cfg)
     out = []
     for item in reader.samples():
         image = item.image.cpu().clone()  # a view into the batch would keep the whole batch alive

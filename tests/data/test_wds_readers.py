@@ -269,3 +269,34 @@ def test_gpu_decode_refused_without_cuda(tmp_path):
     assert ImageTextConfig().decode_device() == "cpu"  # "auto" falls back
     with pytest.raises(ValueError, match="decode='gpu' needs CUDA"):
         DaliReader(str(tmp_path / "shard-*.tar"), ImageTextConfig(decode="gpu"))
+
+
+def test_index_cache_skips_the_prescan_and_keeps_the_counts(corrupt_shards, tmp_path, monkeypatch):
+    import glob
+    import shutil
+
+    from megatron_step.data import wds as wds_module
+
+    src, keys, skipped = corrupt_shards
+    os.makedirs(tmp_path / "shards")
+    for path in glob.glob(src):  # a copy: one shard is rewritten below
+        shutil.copy(path, tmp_path / "shards")
+    pattern = str(tmp_path / "shards" / "shard-*.tar")
+    cfg = ImageTextConfig(batch_size=4, decode="cpu", index_cache=str(tmp_path / "idx"))
+    first = DaliReader(pattern, cfg)
+    entries = sorted(os.listdir(tmp_path / "idx"))
+    assert len([e for e in entries if e.endswith(".json")]) == 5 and not [e for e in entries if ".tmp" in e]
+    calls = []
+    real = wds_module.prescan_shard
+    monkeypatch.setattr(wds_module, "prescan_shard", lambda *a: calls.append(a[0]) or real(*a))
+    again = DaliReader(pattern, cfg)  # every shard from the cache
+    assert calls == []
+    for reader in (first, again):
+        _, samples = _read_all(reader)
+        assert [s.key for s in samples] == keys and reader.skipped == skipped
+    # a rewritten shard (new size and mtime) is scanned again, the others are not
+    shard = sorted(glob.glob(pattern))[-1]
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 1024)
+    DaliReader(pattern, cfg)
+    assert calls == [shard]
