@@ -51,8 +51,8 @@ def _bench(rank, world_size, iters: int, cfg_kw: dict):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
+    from megatron_step.platform import ParallelConfig
     from megatron_step.training.step import wrap_ddp
 
     cfg = LocalGPTConfig(**cfg_kw)
@@ -90,8 +90,8 @@ def _step_tiny_fwd_bwd(rank, world_size, iters: int, batch: int, seq: int):
     """Median forward+backward time of the Step 3.5 Flash tiny preset (1 process, fp32)."""
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.step_flash import build_step_flash, tiny
+    from megatron_step.platform import ParallelConfig
 
     cfg = tiny()
     platform.setup(ParallelConfig(), seed=0)
@@ -112,10 +112,10 @@ def _optimizer_step_time(rank, world_size, iters: int, optim_kw: dict):
     (1 process, fp32; Megatron-Core's optimizer factory, gradients from one real backward)."""
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.config.run import OptimConfig
     from megatron_step.models.step_flash import build_step_flash, tiny
     from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
+    from megatron_step.platform import ParallelConfig
     from megatron_step.testing.parity import global_batch, train_step
     from megatron_step.training.step import wrap_ddp
 

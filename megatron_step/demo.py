@@ -23,8 +23,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
+from megatron_step.platform import ParallelConfig
 from megatron_step.testing import run_distributed
 from megatron_step.training.step import lm_forward_step, wrap_ddp
 

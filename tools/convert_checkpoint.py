@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from megatron_step import platform  # noqa: E402
-from megatron_step.config import ParallelConfig  # noqa: E402
 from megatron_step.config.run import load_run_config  # noqa: E402
 from megatron_step.convert.hf_checkpoint import export_to_hf, import_from_hf  # noqa: E402
 from megatron_step.models.step_flash import preset  # noqa: E402
+from megatron_step.platform import ParallelConfig  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

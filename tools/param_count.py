@@ -23,9 +23,9 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_step import platform  # noqa: E402
-from megatron_step.config import ParallelConfig  # noqa: E402
 from megatron_step.models.param_count import attention_flops_per_token, count_parameters  # noqa: E402
 from megatron_step.models.step_flash import PRESETS, build_step_flash, preset  # noqa: E402
+from megatron_step.platform import ParallelConfig  # noqa: E402
 
 
 def _b(n: float) -> str:

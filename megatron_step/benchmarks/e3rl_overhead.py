@@ -23,8 +23,8 @@ def _body(rank, world_size, opts: dict) -> dict:
     import dataclasses
 
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.step_flash import build_step_flash, tiny
+    from megatron_step.platform import ParallelConfig
     from megatron_step.rl.engine import Engine, SamplingParams
     from megatron_step.rl.erasable import E3RLConfig, E3RLPolicy, generate_erasable
 

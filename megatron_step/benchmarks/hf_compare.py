@@ -166,9 +166,9 @@ def _ours_build(cfg_kwargs, batch, seq, threads, seed, micro_batch=None, first_s
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.param_count import count_parameters
     from megatron_step.models.step_flash import build_step_flash
+    from megatron_step.platform import ParallelConfig
 
     parallel = ParallelConfig()
     platform.setup(parallel, seed=seed)

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from megatron_step.config.mmrpt import MMRPTConfig
-from megatron_step.config.parallel import ParallelConfig
 from megatron_step.config.rl import RLConfig
 from megatron_step.models.step_flash.config import StepFlashConfig, preset
+from megatron_step.platform.parallel import ParallelConfig
 
 
 @dataclass

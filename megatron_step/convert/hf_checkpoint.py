@@ -404,8 +404,8 @@ def export_to_hf(
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.step_flash import build_step_flash
+    from megatron_step.platform import ParallelConfig
 
     with torch.device("meta"):
         model = build_step_flash(cfg, ParallelConfig(), use_te=False, initialize=False)
@@ -448,8 +448,8 @@ def import_from_hf(
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.step_flash import build_step_flash
+    from megatron_step.platform import ParallelConfig
 
     found = config_from_hf_dir(hf_dir)
     if cfg is not None:

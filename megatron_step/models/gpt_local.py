@@ -27,8 +27,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_step.config.parallel import ParallelConfig
 from megatron_step.models.norm import RMSNorm
+from megatron_step.platform.parallel import ParallelConfig
 
 
 @dataclass
@@ -80,13 +80,7 @@ def transformer_config(cfg: LocalGPTConfig, parallel: ParallelConfig) -> Transfo
         # Initialise full weights on CPU from the one seed and slice them per rank, so every
         # TP/EP/PP layout starts from the same function (also what makes CPU runs reproducible).
         use_cpu_initialization=True,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        sequence_parallel=bool(parallel.sequence_parallel),
+        **parallel.transformer_kwargs(),
         pipeline_dtype=cfg.params_dtype,
         **moe,
     )

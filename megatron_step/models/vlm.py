@@ -33,9 +33,9 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_step.config.parallel import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash
 from megatron_step.models.step_flash.config import StepFlashConfig
+from megatron_step.platform.parallel import ParallelConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The platform layer: one call sets up torch.distributed, Megatron-Core's parallel state, RNG and
 (only on machines without CUDA) the CPU compatibility patches.
 
-    from megatron_step.config import ParallelConfig
+    from megatron_step.platform import ParallelConfig
     from megatron_step import platform
     env = platform.setup(ParallelConfig(tp=2), seed=1234)   # under torchrun, or 1 process
     ...
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_step.config.parallel import ParallelConfig
 from megatron_step.platform import cpu_patches
 from megatron_step.platform.capabilities import Capabilities, detect
+from megatron_step.platform.parallel import ParallelConfig
 
 __all__ = [
     "Capabilities",
     "DistEnv",
+    "ParallelConfig",
     "compute_device",
     "detect",
     "free_port",
@@ -139,14 +140,7 @@ def setup(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> D
     parallel.validate(world_size)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-    )
+    parallel_state.initialize_model_parallel(**parallel.initialize_kwargs())
     seed_everything(seed)
     if not caps.cuda and os.environ.get("MEGATRON_STEP_NO_GLOO_WARMUP", "0") != "1":
         _warm_gloo_threads()

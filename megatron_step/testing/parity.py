@@ -24,7 +24,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
+from megatron_step.platform import ParallelConfig
 from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 GLOBAL_BATCH = 4  # sequences per step; microbatch size 1

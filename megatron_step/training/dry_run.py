@@ -30,8 +30,8 @@ GiB = 1024**3
 def _per_layer_params(cfg) -> tuple[dict, dict, int, int, list[int]]:
     """(dense params by layer, expert params by layer, embedding, head, MTP modules) of the full model."""
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.models.step_flash import build_step_flash
+    from megatron_step.platform import ParallelConfig
 
     platform.setup(ParallelConfig(), seed=0)
     with torch.device("meta"):

@@ -58,7 +58,7 @@ def test_missing_prefix_is_a_clear_error(tok, tmp_path):
 
 def _rank_body(rank, world_size, prefix, model, cache_dir):
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
+    from megatron_step.platform import ParallelConfig
 
     platform.setup(ParallelConfig(), seed=0)
     train, valid = _build(prefix, StepTokenizer(model), cache_dir)

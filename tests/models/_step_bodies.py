@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.platform import ParallelConfig
 
 SEQ = 32
 

@@ -9,9 +9,9 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import tiny
 from megatron_step.models.vlm import VisionConfig, build_step_vlm
+from megatron_step.platform import ParallelConfig
 from megatron_step.testing import run_distributed
 from megatron_step.testing.parity import GLOBAL_BATCH, SEED, compare_layout, make_reference
 

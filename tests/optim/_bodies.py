@@ -9,11 +9,11 @@ def optimizer_layout(rank, world_size, optim_kw, freeze_norm_gains=False):
     import torch
 
     from megatron_step import platform
-    from megatron_step.config import ParallelConfig
     from megatron_step.config.run import OptimConfig
     from megatron_step.models.step_flash import build_step_flash, tiny
     from megatron_step.models.step_flash import freeze_norm_gains as freeze
     from megatron_step.optim.factory import build_optimizer, leaf_optimizers, matrix_predicate, tag_routers
+    from megatron_step.platform import ParallelConfig
     from megatron_step.testing.parity import global_batch, train_step
     from megatron_step.training.step import wrap_ddp
 

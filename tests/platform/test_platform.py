@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_step.config import ParallelConfig
-from megatron_step.platform import capabilities, cpu_patches
+from megatron_step.platform import ParallelConfig, capabilities, cpu_patches
 
 
 def test_parallel_config_derives_dp_and_names_bad_values():

@@ -7,8 +7,8 @@ import math
 import torch
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
+from megatron_step.platform import ParallelConfig
 from megatron_step.testing import run_distributed
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.platform import ParallelConfig
 
 PROMPT_LENS = (5, 12, 9)  # different lengths: the shortest is prefilled, the rest teacher-forced
 

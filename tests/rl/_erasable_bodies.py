@@ -8,8 +8,8 @@ from collections import Counter
 import torch
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.platform import ParallelConfig
 from megatron_step.rl.erasable import E3RLConfig, E3RLPolicy
 from tests.rl._engine_bodies import replay_logp
 

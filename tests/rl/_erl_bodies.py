@@ -15,8 +15,8 @@ from collections import Counter
 import torch
 
 from megatron_step import platform
-from megatron_step.config import ParallelConfig
 from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.platform import ParallelConfig
 
 # word frequencies among the ids 4..511 (3 of 24 slots are "</search>", 1 is "</answer>")
 WORDS = (

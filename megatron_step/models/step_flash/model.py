@@ -19,12 +19,12 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_step.config.parallel import ParallelConfig
 from megatron_step.models.norm import RMSNorm
 from megatron_step.models.step_flash.config import StepFlashConfig
 from megatron_step.models.step_flash.layers import weight_mtp_depths
 from megatron_step.models.step_flash.spec import get_mtp_block_spec, get_step_flash_layer_spec
 from megatron_step.platform.capabilities import detect
+from megatron_step.platform.parallel import ParallelConfig
 
 
 def transformer_config(
@@ -88,14 +88,7 @@ def transformer_config(
         mtp_num_layers=cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=1.0,  # per-depth weights applied by weight_mtp_depths
         use_cpu_initialization=not caps.cuda,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        sequence_parallel=bool(parallel.sequence_parallel),
-        pipeline_model_parallel_layout=parallel.pipeline_layout,
+        **parallel.transformer_kwargs(),
         **moe,
         **fp8,
     )

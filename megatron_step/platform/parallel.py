@@ -1,4 +1,6 @@
-"""Parallel layout: how a world of ranks is split into TP/PP/CP/EP/DP groups."""
+"""Parallel layout: how a world of ranks is split into TP/PP/CP/EP/DP groups, and the one mapping of
+that layout to Megatron-Core's arguments (`parallel_state.initialize_model_parallel` and the
+parallel fields of `TransformerConfig`)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,30 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel=True needs tp > 1 (got tp=1)")
         if self.world_size is not None:
             self.validate(self.world_size)
+
+    def initialize_kwargs(self) -> dict:
+        """Keyword arguments of `parallel_state.initialize_model_parallel` (platform.setup)."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+        )
+
+    def transformer_kwargs(self) -> dict:
+        """The parallel fields of a Megatron-Core `TransformerConfig` (every model builder)."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.etp,
+            sequence_parallel=bool(self.sequence_parallel),
+            pipeline_model_parallel_layout=self.pipeline_layout,
+        )
 
     def pipeline_layout_stages(self) -> int:
         from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
