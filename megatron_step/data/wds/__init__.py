@@ -21,7 +21,7 @@ Readers:
                     -> `fn.resize` (linear, antialias) -> `fn.crop_mirror_normalize`, txt and json passed
                     through as bytes. Runs as a CPU-only pipeline (device_id=None) where CUDA is absent.
 
-Bad samples (skipped and counted, never raised; the checks and their order are `_sample_problem`):
+Bad samples (skipped and counted, never raised; the checks and their order are `sample_problem`):
   truncated_tar    the shard is cut or garbled: a member's data or header is cut short (tarfile raises),
                    or the file does not end with tar's zero end-of-archive block (a cut between members,
                    which tarfile reads quietly as a shorter archive). The sample being read at the break
@@ -64,7 +64,6 @@ Shuffle (`cfg.shuffle`): shard order and a sample buffer of `cfg.shuffle_buffer`
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import math
@@ -78,11 +77,28 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+from megatron_step.data.wds.common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    COMPONENTS,
+    PIXEL_ATOL,
+    SKIP_REASONS,
+    TAR_ERRORS,
+    CountingReader,
+    ImageTextBatch,
+    ImageTextConfig,
+    ImageTextSample,
+    ends_with_end_block,
+    expand_urls,
+    is_compressed,
+    key_ext,
+    sample_problem,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -101,174 +117,12 @@ __all__ = [
     "triangle_filter",
 ]
 
-# CLIP's RGB normalisation (OpenAI CLIP / open_clip), for pixels scaled to 0..1
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Largest |DALI - reference| per normalised pixel the parity test accepts: 2 levels of 8 bits (2/255 / std
-# 0.26 = 0.03) of decoder difference; measured 4.8e-7 on this machine's CPU decode (module docstring)
-PIXEL_ATOL = 0.03
-
-SKIP_REASONS = (
-    "truncated_tar",
-    "missing_image",
-    "missing_caption",
-    "missing_json",
-    "bad_caption",
-    "bad_json",
-    "bad_jpeg",
-)
-COMPONENTS = ("jpg", "txt", "json")  # the members a sample needs; others are ignored
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: "__key__"-style members
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
-
-
-@dataclass
-class ImageTextConfig:
-    image_size: int = 32  # S: square resize target (no crop, aspect ratio not kept)
-    mean: tuple[float, float, float] = CLIP_MEAN  # per RGB channel, for 0..1 pixels
-    std: tuple[float, float, float] = CLIP_STD
-    batch_size: int = 8
-    decode: str = "auto"  # DaliReader: "auto" (GPU "mixed" decode when CUDA is available) | "cpu" | "gpu"
-    num_threads: int = 1  # DALI worker threads (the reference decodes in the calling thread)
-    seed: int = 0
-    shuffle: bool = False  # shard order + a sample buffer; readers shuffle differently
-    shuffle_buffer: int = 512  # samples held for shuffling (DALI initial_fill)
-    # DaliReader: a directory keeping each shard's pre-scan (DALI index + skip counts), keyed by the
-    # shard's absolute path, size and mtime, so a later reader of unchanged shards skips the scan.
-    # None: a temporary directory per reader (scan every time)
-    index_cache: str | None = None
-
-    def __post_init__(self):
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-        if not 1 <= self.image_size <= 4096:
-            raise ValueError(f"image_size must be in [1, 4096], got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean {self.mean} and std {self.std} need 3 values each (R, G, B)")
-        if not all(s > 0 for s in self.std):
-            raise ValueError(f"std must be > 0 per channel, got {self.std}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.decode not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', got {self.decode!r}")
-        if self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-
-    def decode_device(self) -> str:
-        """ "gpu" or "cpu" for this machine; "gpu" without CUDA is refused here, naming the field."""
-        if self.decode == "gpu" and not torch.cuda.is_available():
-            raise ValueError("decode='gpu' needs CUDA, which is not available (use decode='cpu' or 'auto')")
-        if self.decode == "auto":
-            return "gpu" if torch.cuda.is_available() else "cpu"
-        return self.decode
-
-
-@dataclass
-class ImageTextSample:
-    key: str  # the sample's name in the shard without extension, e.g. "000000042"
-    image: torch.Tensor  # (3, S, S) float32, resized then normalised
-    caption: str  # the .txt member, UTF-8
-    meta: dict  # the .json member (for generated scenes: objects and per-sentence ground truth)
-
-
-@dataclass
-class ImageTextBatch:
-    keys: list[str]  # B sample keys, in reading order
-    images: torch.Tensor  # (B, 3, S, S) float32; on the GPU after DALI "mixed" decode
-    captions: list[str]  # B captions
-    metas: list[dict]  # B parsed .json objects
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def samples(self) -> Iterator[ImageTextSample]:
-        for i, key in enumerate(self.keys):
-            yield ImageTextSample(key, self.images[i], self.captions[i], self.metas[i])
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard paths from a glob pattern ("dir/shard-*.tar"), a brace pattern ("shard-{000000..000009}.tar"),
-    or a list of either; raises ValueError naming a pattern that matches no file."""
-    import braceexpand  # webdataset's dependency
-
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    if not patterns:
-        raise ValueError("no shards given (urls is empty)")
-    out: list[str] = []
-    for pattern in patterns:
-        found = []
-        for p in braceexpand.braceexpand(pattern):
-            found += sorted(glob.glob(p)) if glob.has_magic(p) else [p] if os.path.isfile(p) else []
-        if not found:
-            raise ValueError(f"no shard matches {pattern!r}")
-        out += found
-    return out
 
 
 def _is_meta(name: str) -> bool:
     """Members webdataset's tar iterator skips without reading ("__key__"-style names)."""
     return "/" not in name and name.startswith("__") and name.endswith("__") or bool(_META_RE.match(name))
-
-
-def _key_ext(name: str | None) -> tuple[str | None, str | None]:
-    """(key, lower-case extension) as webdataset's group_by_keys splits a member name; (None, None) for a
-    name it drops (no extension)."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(name) if name else (None, None)
-    return (key, ext.lower()) if key is not None else (None, None)
-
-
-def _jpeg_ok(data: bytes, draft: bool) -> bool:
-    """Whether Pillow decodes the bytes (draft=True: at 1/8 scale, still reading the whole stream)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if draft:
-                img.draft("RGB", (1, 1))
-            img.load()
-        return True
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
-
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
-
-
-def is_compressed(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(6).startswith(_COMPRESSED_MAGIC)
-
-
-def ends_with_end_block(path: str) -> bool:
-    """Whether a tar file ends like a finished archive: a whole number of 512-byte blocks, the last one
-    zeros (the end-of-archive marker). A file cut between two members lacks it, though Python's tarfile
-    reads such a file to its end without complaint."""
-    size = os.path.getsize(path)
-    if size < 512 or size % 512:
-        return False
-    with open(path, "rb") as f:
-        f.seek(size - 512)
-        return not any(f.read(512))
-
-
-def _sample_problem(parts: dict[str, bytes], check_jpeg: bool) -> str | None:
-    """The first reason (in SKIP_REASONS order) to drop a grouped sample, or None when it is good.
-    check_jpeg=False leaves "bad_jpeg" to the caller's own decode (the reference decodes in full anyway)."""
-    for ext, reason in zip(COMPONENTS, ("missing_image", "missing_caption", "missing_json")):
-        if ext not in parts:
-            return reason
-    try:
-        parts["txt"].decode("utf-8")
-    except UnicodeDecodeError:
-        return "bad_caption"
-    try:
-        if not isinstance(json.loads(parts["json"]), dict):
-            return "bad_json"
-    except (ValueError, UnicodeDecodeError):
-        return "bad_json"
-    return "bad_jpeg" if check_jpeg and not _jpeg_ok(parts["jpg"], draft=True) else None
 
 
 def triangle_filter(n_in: int, n_out: int) -> torch.Tensor:
@@ -292,28 +146,7 @@ def triangle_filter(n_in: int, n_out: int) -> torch.Tensor:
     return out.float()
 
 
-class _Counting:
-    """`skipped` / `seen` bookkeeping shared by both readers."""
-
-    def __init__(self, urls, cfg: ImageTextConfig):
-        self.urls = expand_urls(urls)
-        self.cfg = cfg
-        self.skipped: dict[str, int] = {}
-        self.seen = 0  # samples delivered, all epochs together
-        self.epoch = 0  # completed passes
-
-    def _skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + n
-
-    def samples(self) -> Iterator[ImageTextSample]:
-        for batch in self:
-            yield from batch.samples()
-
-    def __iter__(self) -> Iterator[ImageTextBatch]:
-        raise NotImplementedError
-
-
-class WebDatasetReader(_Counting):
+class WebDatasetReader(CountingReader):
     """Reference reader: webdataset tar iteration + key grouping, PIL decode, torch resize/normalise."""
 
     def __init__(self, urls: str | Sequence[str], cfg: ImageTextConfig | None = None):
@@ -344,7 +177,7 @@ class WebDatasetReader(_Counting):
                     for f in tar_file_iterator(stream, handler=stop, select_files=select):
                         f["__url__"] = url
                         yield f
-                except _TAR_ERRORS as exn:  # raised outside webdataset's handler (open, next header)
+                except TAR_ERRORS as exn:  # raised outside webdataset's handler (open, next header)
                     errors.append(exn)
             if not errors and not is_compressed(url) and not ends_with_end_block(url):
                 # cut between members: tarfile ends quietly (a compressed tar ends in its codec's trailer)
@@ -352,7 +185,7 @@ class WebDatasetReader(_Counting):
 
         # a duplicate member raises in group_by_keys; ignoring it keeps the first copy (as the pre-scan)
         for parts in group_by_keys(files(), handler=lambda exn: True):
-            if errors and parts["__key__"] == _key_ext(last[0])[0]:
+            if errors and parts["__key__"] == key_ext(last[0])[0]:
                 continue  # the sample that was being read when the tar broke (counted below)
             yield parts
         if errors:
@@ -371,7 +204,7 @@ class WebDatasetReader(_Counting):
     def _good_samples(self, urls: list[str]) -> Iterator[ImageTextSample]:
         for url in urls:
             for parts in self._shard_parts(url):
-                problem = _sample_problem(parts, check_jpeg=False)
+                problem = sample_problem(parts, check_jpeg=False)
                 if problem is None:
                     try:
                         image = self._decode(parts["jpg"])
@@ -429,7 +262,7 @@ def prescan_shard(url: str, index_path: str, skipped: dict[str, int]) -> int:
     def finish():
         if key is None:
             return
-        problem = _sample_problem(parts, check_jpeg=True)
+        problem = sample_problem(parts, check_jpeg=True)
         if problem is not None:
             skipped[problem] = skipped.get(problem, 0) + 1
             return
@@ -444,7 +277,7 @@ def prescan_shard(url: str, index_path: str, skipped: dict[str, int]) -> int:
                     continue
                 last = member.name
                 data = tf.extractfile(member).read()  # read like webdataset: a cut member fails here
-                k, ext = _key_ext(member.name)
+                k, ext = key_ext(member.name)
                 if k is None:
                     continue
                 if k != key:
@@ -453,11 +286,11 @@ def prescan_shard(url: str, index_path: str, skipped: dict[str, int]) -> int:
                 if ext not in parts:  # a duplicate keeps the first copy (webdataset's group_by_keys too)
                     parts[ext], where[ext] = data, (member.offset_data, member.size)
         broken = not ends_with_end_block(url)  # cut between members: tarfile ends quietly
-    except _TAR_ERRORS:
+    except TAR_ERRORS:
         broken = True
     if broken:
         skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
-        if _key_ext(last)[0] == key:
+        if key_ext(last)[0] == key:
             key = None  # drop the sample that was being read when the tar broke
     finish()  # (when the broken member started a new key, the sample before it is whole: judged as usual)
     if rows:
@@ -502,7 +335,7 @@ def _cached_prescan(url: str, index_path: str, skipped: dict[str, int]) -> int:
     return good
 
 
-class DaliReader(_Counting):
+class DaliReader(CountingReader):
     """NVIDIA DALI pipeline over pre-scanned shards (see the module docstring).
 
     A thin wrapper instead of DALI's DALIGenericIterator: that iterator turns each output into one
