@@ -275,7 +275,7 @@ def test_index_cache_skips_the_prescan_and_keeps_the_counts(corrupt_shards, tmp_
     import glob
     import shutil
 
-    from megatron_step.data import wds as wds_module
+    from megatron_step.data.wds import dali as wds_dali  # where DaliReader looks prescan_shard up
 
     src, keys, skipped = corrupt_shards
     os.makedirs(tmp_path / "shards")
@@ -287,8 +287,8 @@ def test_index_cache_skips_the_prescan_and_keeps_the_counts(corrupt_shards, tmp_
     entries = sorted(os.listdir(tmp_path / "idx"))
     assert len([e for e in entries if e.endswith(".json")]) == 5 and not [e for e in entries if ".tmp" in e]
     calls = []
-    real = wds_module.prescan_shard
-    monkeypatch.setattr(wds_module, "prescan_shard", lambda *a: calls.append(a[0]) or real(*a))
+    real = wds_dali.prescan_shard
+    monkeypatch.setattr(wds_dali, "prescan_shard", lambda *a: calls.append(a[0]) or real(*a))
     again = DaliReader(pattern, cfg)  # every shard from the cache
     assert calls == []
     for reader in (first, again):
