@@ -16,12 +16,12 @@ The reference reader runs these checks as it streams (its full decode is the bad
 pre-scan runs the same ones before DALI reads anything, so both count the same samples.
 
 Pixels: both readers resize the decoded image in float32 with the same triangle filter and normalise it
-with `ImageTextConfig.mean` / `std` (CLIP's by default). Measured max |DALI - reference| on generated
-scenes (64 px JPEG q90 -> 32, 24 and 96 px, CPU decode): 4.8e-7 in normalised units: both decode with
-libjpeg-turbo, bit for bit. The tests allow PIXEL_ATOL = 0.03 (about 2/255 before normalising) for other
-Pillow / libjpeg builds; the resize mismatches it exists to catch were 0.11 (torch's antialias
-renormalising at the border) to 0.2+. GPU ("mixed", nvJPEG) decode is not measured here (no GPU with DALI
-was at hand); nvJPEG's IDCT and chroma upsampling may differ by more.
+with `ImageTextConfig.mean` / `std` (CLIP's by default). With CPU decode both decode with libjpeg-turbo,
+bit for bit, so their pixels agree to float rounding. The tests allow PIXEL_ATOL = 0.03 (about 2/255
+before normalising) for other Pillow / libjpeg builds; the resize mismatches it exists to catch (torch's
+antialias renormalising at the border, for one) are several times larger. The measured differences:
+docs/benchmarks.md §11. GPU ("mixed", nvJPEG) decode is not measured (no GPU with DALI was at hand);
+nvJPEG's IDCT and chroma upsampling may differ by more.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Largest |DALI - reference| per normalised pixel the parity test accepts: 2 levels of 8 bits (2/255 / std
-# 0.26 = 0.03) of decoder difference; measured 4.8e-7 on this machine's CPU decode (module docstring)
+# 0.26 = 0.03) of decoder difference (why: module docstring; measured: docs/benchmarks.md §11)
 PIXEL_ATOL = 0.03
 
 SKIP_REASONS = (

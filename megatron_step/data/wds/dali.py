@@ -8,14 +8,13 @@ Why the pre-scan: DALI stops the pipeline on bad samples (its webdataset reader 
 data"), so `DaliReader` first pre-scans each shard once, at construction (`prescan_shard`), with Python's
 `tarfile` in streaming mode (the same reads webdataset does), applies the same checks (`sample_problem`;
 the JPEG one decodes with Pillow at 1/8 scale via `draft`: the whole entropy-coded stream is still
-parsed, so cut-off and garbled files fail as in a full decode, for 25-75% of its time) and writes DALI
-index files (wds2idx "v1.2" format) listing only the good samples, each member named by the url-quoted
-sample key, which DALI hands back as the output's source_info. The two readers' counts are then
-identical (tested for every cut position of a shard). Cost, measured in docs/benchmarks.md §11 on 64 px
-scenes: ~400 us per sample on one thread of a loaded 2-core box (pre-scan threads: cfg.num_threads, one
-shard each), i.e. 2-3 DALI CPU epochs or ~1/4 of a reference epoch, paid once per reader, or once per
-shard version with `cfg.index_cache` (a directory keyed by path, size and mtime; MMRPT keeps it under its
-data_dir). DALI counts a pass's skips when the pass starts (the reference as it streams).
+parsed, so cut-off and garbled files fail as in a full decode, in a fraction of its time) and writes
+DALI index files (wds2idx "v1.2" format) listing only the good samples, each member named by the
+url-quoted sample key, which DALI hands back as the output's source_info. The two readers' counts are
+then identical (tested for every cut position of a shard). The pre-scan runs on cfg.num_threads threads,
+one shard each, once per reader, or once per shard version with `cfg.index_cache` (a directory keyed by
+path, size and mtime; MMRPT keeps it under its data_dir). What it costs against an epoch:
+docs/benchmarks.md §11. DALI counts a pass's skips when the pass starts (the reference as it streams).
 Uncompressed .tar shards only (DALI reads members by byte offset).
 
 Shuffle (`cfg.shuffle`): DALI's reader shuffles with a buffer of `cfg.shuffle_buffer` samples
