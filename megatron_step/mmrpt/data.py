@@ -1,5 +1,5 @@
 """MMRPT's data: generated-scene shards when none are given, the caption tokenizer, and the samples
-read through the image-text pipeline (DALI or the webdataset reference, megatron_step/data/wds.py).
+read through the image-text pipeline (DALI or the webdataset reference, megatron_step/data/wds/).
 
 The tiny runs hold every decoded sample in memory (4,000 images of 3x32x32 floats: 49 MB); the reader
 is still the pipeline a cluster run streams from, and its skip counter is reported.

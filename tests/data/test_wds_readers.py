@@ -1,4 +1,4 @@
-"""megatron_step/data/wds.py: the DALI pipeline and the webdataset reference give the same keys, captions,
+"""megatron_step/data/wds/: the DALI pipeline and the webdataset reference give the same keys, captions,
 meta and pixels; corrupt or incomplete samples (truncated tar, bad JPEG, missing caption / image / json,
 bad json) are skipped and counted identically by both, never raised; config errors name the field."""
 
