@@ -25,8 +25,8 @@ Modules:
   (here)     make_reader, the factory, and dali_available
 
 Both readers drop and count the same samples and deliver the same keys, captions, metas and (to
-PIXEL_ATOL) pixels. Shuffle (`cfg.shuffle`): shard order and a sample buffer of `cfg.shuffle_buffer`,
-seeded by `cfg.seed`; the two readers shuffle differently, so compare them unshuffled.
+PIXEL_ATOL, CPU decode) pixels. Shuffle (`cfg.shuffle`, a buffer of `cfg.shuffle_buffer` samples seeded by
+`cfg.seed`): the two readers shuffle differently (see each module), so compare them unshuffled.
 Throughput and the pre-scan's cost: docs/benchmarks.md §11.
 """
 
