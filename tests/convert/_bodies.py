@@ -13,7 +13,7 @@ def logits_vs_transformers(rank, ws, seq: int):
     """Our tiny model's logits vs transformers' Step3p7TextModel loaded with the exported weights."""
     from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
 
-    from megatron_step.convert.step_hf import hf_text_config, mcore_to_hf_native
+    from megatron_step.models.step_flash.hf import hf_text_config, mcore_to_hf_native
 
     cfg = tiny()
     platform.setup(ParallelConfig(), seed=5)
@@ -96,7 +96,7 @@ def _random_transformers_model():
 
 def transformers_model_into_megatron(rank, ws, seq: int):
     """A random Step3p7TextModel that transformers creates (settings unlike our presets) -> Megatron."""
-    from megatron_step.convert.step_hf import hf_native_to_mcore, step_config_from_hf
+    from megatron_step.models.step_flash.hf import hf_native_to_mcore, step_config_from_hf
 
     hf, hf_cfg = _random_transformers_model()
     head = torch.randn(hf_cfg.vocab_size, hf_cfg.hidden_size) * 0.05
