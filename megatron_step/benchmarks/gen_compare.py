@@ -64,8 +64,8 @@ def compare(
     """Median tokens/s of both sides and their ratio; raises if the greedy tokens differ."""
     logging.getLogger("megatron").setLevel(logging.ERROR)
     from megatron_step import platform
-    from megatron_step.convert.step_hf import hf_text_config, mcore_to_hf_native
     from megatron_step.models.step_flash import build_step_flash, tiny
+    from megatron_step.models.step_flash.hf import hf_text_config, mcore_to_hf_native
     from megatron_step.platform import ParallelConfig
     from megatron_step.rl.engine import Engine, SamplingParams
 

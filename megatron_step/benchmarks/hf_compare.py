@@ -66,7 +66,7 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-from megatron_step.convert.step_hf import hf_text_config
+from megatron_step.models.step_flash.hf import hf_text_config
 from megatron_step.training.step import lm_forward_step, wrap_ddp
 
 # Optimizer settings shared by both sides (Megatron-Core's OptimizerConfig defaults, lr explicit).

@@ -1,4 +1,5 @@
-"""Step 3.5 Flash: config + presets, layer spec, model builder (one record for the model)."""
+"""Step 3.5 Flash: config + presets, layer spec, model builder and its Hugging Face adapter (`hf`):
+one record for the model."""
 
 from megatron_step.models.step_flash.config import (
     PRESETS,
