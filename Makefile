@@ -48,10 +48,10 @@ demo: install
 
 # The platform demo: one small MoE GPT under 1 process, TP=2 and DP=2 with matching loss curves.
 demo-platform: install
-	$(PY) -m megatron_step.demo
+	$(PY) -m benchmarks.demo
 
 bench: install
-	$(PY) -m megatron_step.bench
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

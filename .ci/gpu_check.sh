@@ -37,7 +37,7 @@ step pretrain 150 $PY pretrain/pretrain_step.py --config examples/tiny/tiny.yaml
 step rl_e3rl 190 $PY posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.sft_steps=60 \
     train.steps=6 train.eval_interval=3 rl.rollout=e3rl train.run_dir="$WORK/rl" rl.init_from="$WORK/rl/sft" \
     data.data_dir="$WORK/data"
-step e3rl_overhead 80 $PY -m megatron_step.benchmarks.e3rl_overhead
+step e3rl_overhead 80 $PY -m benchmarks.e3rl_overhead
 step mmrpt 200 $PY pretrain/pretrain_mmrpt.py --config examples/mmrpt/mmrpt_tiny.yaml mmrpt.scenes=400 \
     mmrpt.heldout_scenes=32 mmrpt.warmup_steps=60 train.steps=4 mmrpt.eval_interval=2 model.bf16=true \
     train.run_dir="$WORK/mmrpt" mmrpt.init_from="$WORK/mmrpt/warmup" mmrpt.data_dir="$WORK/mmrpt_data"

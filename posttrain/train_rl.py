@@ -10,29 +10,23 @@
     python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml model.bf16=true
 
 Overrides are `section.field=value` (sections: model, parallel, data, optim, train, rl).
-The loop: megatron_step/rl/loop.py; losses (GRPO/TIS/MIS-PO): megatron_step/rl/losses.py.
+The stage: megatron_step/stages/rl.py; losses (GRPO/TIS/MIS-PO): megatron_step/rl/losses.py.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
-warnings.filterwarnings("ignore", message=".*not installed.*")  # TE/apex absent on CPU: expected
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
+warnings.filterwarnings("ignore", message=".*not installed.*")
 
-from megatron_step.config.run import cli_run_config  # noqa: E402
+from megatron_step import platform  # noqa: E402
+from megatron_step.config.run import RLRunConfig, cli_run_config  # noqa: E402
+from megatron_step.stages.rl import train_rl  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    cfg = cli_run_config(
-        "Step 3.5 Flash off-policy RL (Megatron-Core)", argv, "run YAML (model_preset + sections incl. rl)"
-    )
-
-    from megatron_step import platform
-    from megatron_step.rl.loop import train_rl
-
+    cfg, _ = cli_run_config("Step 3.5 Flash off-policy RL (Megatron-Core)", argv, RLRunConfig)
     try:
         out = train_rl(cfg)
     finally:

@@ -13,39 +13,32 @@
     torchrun --nproc-per-node 2 pretrain/pretrain_mmrpt.py --config examples/mmrpt/mmrpt_tiny.yaml
 
 Overrides are `section.field=value` (sections: model, parallel, optim, train, mmrpt; nested:
-mmrpt.vision.<field>, mmrpt.loss.<field>). The loop: megatron_step/mmrpt/loop.py.
+mmrpt.vision.<field>, mmrpt.loss.<field>). The stage: megatron_step/stages/mmrpt.py.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
-warnings.filterwarnings("ignore", message=".*not installed.*")  # TE/apex absent on CPU: expected
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
+warnings.filterwarnings("ignore", message=".*not installed.*")
 
-from megatron_step.config.run import cli_run_config  # noqa: E402
+from megatron_step import platform  # noqa: E402
+from megatron_step.config.run import MMRPTRunConfig, cli_run_config  # noqa: E402
+from megatron_step.stages.mmrpt import train_mmrpt  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    cfg = cli_run_config(
-        "MMRPT masked multimodal RL pretraining (Megatron-Core)",
-        argv,
-        "run YAML (model_preset + sections incl. mmrpt)",
-    )
-    from megatron_step import platform
-    from megatron_step.mmrpt.loop import train_mmrpt
-
+    cfg, _ = cli_run_config("MMRPT masked multimodal RL pretraining (Megatron-Core)", argv, MMRPTRunConfig)
     try:
         out = train_mmrpt(cfg)
     finally:
         platform.teardown()
     a, b = out["start"], out["end"]
     print(
-        f"done ({out['objective']}): held-out attribute accuracy {a.get('attribute accuracy', 0):.3f} -> "
-        f"{b.get('attribute accuracy', 0):.3f}, exact match {a.get('exact match', 0):.3f} -> "
-        f"{b.get('exact match', 0):.3f}, D(s) ROC-AUC {b.get('D roc_auc', float('nan')):.3f}; "
+        f"done ({out['objective']}): held-out attribute accuracy {a.get('attribute_accuracy', 0):.3f} -> "
+        f"{b.get('attribute_accuracy', 0):.3f}, exact match {a.get('exact_match', 0):.3f} -> "
+        f"{b.get('exact_match', 0):.3f}, D(s) ROC-AUC {b.get('d_roc_auc', float('nan')):.3f}; "
         f"skipped samples {out['data']['train'].get('skipped')}; run dir {cfg.train.run_dir}"
     )
     return out

@@ -6,60 +6,47 @@
     torchrun --nproc-per-node 2 pretrain/pretrain_step.py --config examples/tiny/tiny.yaml
     # one GPU
     python pretrain/pretrain_step.py --config examples/tiny/tiny.yaml model.bf16=true
-    # Slurm: 512 nodes x 8 GPUs, the report's layout
+    # Slurm: 512 nodes x 8 GPUs, the report's layout (docs/design.md §4)
     sbatch examples/step35_flash/pretrain.sbatch
     # validate a layout and estimate per-GPU memory, no GPUs needed
     python pretrain/pretrain_step.py --config examples/step35_flash/step35_flash.yaml \
         --dry-run --world-size 4096
 
 Overrides are `section.field=value` (sections: model, parallel, data, optim, train).
+The stage: megatron_step/stages/pretrain.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
 
-# Megatron-Core announces missing TE/apex at import time; on CPU that is expected.
+# Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_step.config.run import load_run_config  # noqa: E402
+from megatron_step import platform  # noqa: E402
+from megatron_step.config.run import PretrainConfig, cli_run_config  # noqa: E402
+from megatron_step.stages.pretrain import dry_run, pretrain  # noqa: E402
+from megatron_step.training.dry_run import format_report  # noqa: E402
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Step 3.5 Flash text pretraining (Megatron-Core)")
-    ap.add_argument("--config", help="run YAML (model_preset + sections)")
+def _args(ap):
     ap.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoints/latest")
     ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU")
     ap.add_argument("--world-size", type=int, help="for --dry-run: number of GPUs")
-    ap.add_argument("overrides", nargs="*", help="section.field=value")
-    return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict | None:
-    args = parse_args(argv)
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    try:
-        cfg = load_run_config(args.config, overrides)
-    except ValueError as e:
-        sys.exit(f"config error: {e}")
-
+    cfg, args = cli_run_config("Step 3.5 Flash text pretraining (Megatron-Core)", argv, PretrainConfig, _args)
+    cfg.train.resume = cfg.train.resume or args.resume
     if args.dry_run:
-        from megatron_step.training.dry_run import dry_run, format_report
-
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
             print(format_report(dry_run(cfg, world)))
         except ValueError as e:
             sys.exit(f"layout error: {e}")
         return None
-
-    from megatron_step import platform
-    from megatron_step.training.loop import pretrain
-
     try:
         result = pretrain(cfg)
     finally:

@@ -22,12 +22,11 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
 from megatron_step import platform  # noqa: E402
-from megatron_step.config.run import load_run_config  # noqa: E402
+from megatron_step.config.run import load_model_config  # noqa: E402
 from megatron_step.convert.hf_checkpoint import export_to_hf, import_from_hf  # noqa: E402
 from megatron_step.models.step_flash import preset  # noqa: E402
 from megatron_step.platform import ParallelConfig  # noqa: E402
@@ -37,7 +36,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def _model_config(args):
     if args.config:
-        return load_run_config(args.config, args.overrides).model_config()
+        return load_model_config(args.config, args.overrides)
     if args.preset:
         return preset(args.preset)
     return None

@@ -36,7 +36,6 @@ from PIL import Image, UnidentifiedImageError
 
 # Megatron-Core (imported by megatron_step.data) announces missing TE/apex at import time; expected here.
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_step.data.scenes import encode_jpeg  # noqa: E402
 from megatron_step.data.shards import SHARD_PATTERN, scene_samples, write_shards  # noqa: E402, F401

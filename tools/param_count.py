@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import warnings
 
 import torch
 
 # Megatron-Core announces missing TE/apex at import time; expected here, not news.
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_step import platform  # noqa: E402
 from megatron_step.models.param_count import attention_flops_per_token, count_parameters  # noqa: E402

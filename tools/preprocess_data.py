@@ -14,14 +14,12 @@ and counted. A malformed jsonl line stops the run with `FILE:LINE: reason`. The 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
 
 # Megatron-Core announces missing TE/apex at import time; expected here, not news.
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_step.data import MalformedInputError, StepTokenizer, preprocess  # noqa: E402
 

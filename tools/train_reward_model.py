@@ -15,25 +15,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import types
 import warnings
 
-warnings.filterwarnings("ignore", message=".*not installed.*")  # TE/apex absent on CPU: expected
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
+warnings.filterwarnings("ignore", message=".*not installed.*")
+
+from tqdm import tqdm  # noqa: E402
+
+from megatron_step import platform  # noqa: E402
+from megatron_step.config.run import RLRunConfig, load_run_config  # noqa: E402
+from megatron_step.data.pipeline import run_tokenizer  # noqa: E402
+from megatron_step.models.step_flash import build_step_flash  # noqa: E402
+from megatron_step.rl import reward_model as rmod  # noqa: E402
+from megatron_step.rl.tasks import arithmetic_problems  # noqa: E402
+from megatron_step.training import checkpoint  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    from tqdm import tqdm
-
-    from megatron_step import platform
-    from megatron_step.config.run import load_run_config
-    from megatron_step.models.step_flash import build_step_flash
-    from megatron_step.rl import reward_model as rmod
-    from megatron_step.rl.loop import tokenizer_for
-    from megatron_step.rl.tasks import arithmetic_problems
-    from megatron_step.training import checkpoint
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="the RL run YAML (model, tokenizer, rl.init_from)")
     ap.add_argument(
@@ -46,9 +45,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-pairs", type=int, default=3000, help="pairs to generate when --pairs is absent")
     ap.add_argument("overrides", nargs="*", help="section.field=value")
     args = ap.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, RLRunConfig)
     platform.setup(cfg.parallel, seed=cfg.train.seed)
-    tok = tokenizer_for(cfg)
+    tok = run_tokenizer(cfg.data)
     if not os.path.exists(args.pairs):
         r = cfg.rl
         problems = arithmetic_problems(

@@ -14,13 +14,10 @@ megatron_step/data/corpus.py) and trains on its train split. Inputs: .txt (one s
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import warnings
 
 # Megatron-Core announces missing TE/apex at import time; expected here, not news.
 warnings.filterwarnings("ignore", message=".*not installed.*")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_step.data import (  # noqa: E402
     USER_SYMBOLS,

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_step.models.step_flash import build_step_flash, hf
+from megatron_step.models.step_flash import build_step_flash, hf, hf_config
 from megatron_step.platform import ParallelConfig
 
 SHARD_BYTES = 2 * 1024**3
@@ -151,7 +151,7 @@ def export_to_hf(
         del loaded, sub
     index = writer.finish()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf.hub_config(cfg, dtype=str(dtype).removeprefix("torch.")), f, indent=2)
+        json.dump(hf_config.hub_config(cfg, dtype=str(dtype).removeprefix("torch.")), f, indent=2)
     if tokenizer_model:
         shutil.copy(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     return index
@@ -162,7 +162,7 @@ def import_from_hf(
 ) -> dict:
     """HF directory (hub or native dialect) -> a TP=1 Megatron dist-checkpoint under ckpt_dir.
     `cfg` (optional) must agree with the directory's config.json; the first differing field is named."""
-    found = hf.config_from_hf_dir(hf_dir)
+    found = hf_config.config_from_hf_dir(hf_dir)
     if cfg is not None:
         for field in (
             "vocab_size",

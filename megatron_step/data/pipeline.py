@@ -1,5 +1,9 @@
-"""From a run config to (train, valid) datasets: builds the embedded corpus, tokenizer and indexed
-data on first use (rank 0, cached under `data.data_dir`), or opens the user's indexed data.
+"""From the `data:` section to (train, valid) datasets: builds the embedded corpus, tokenizer and
+indexed data on first use (rank 0, cached under `data.data_dir`), or opens the user's indexed data.
+
+    train_ds, valid_ds, info = prepare_datasets(cfg.data, seed=1234, train_samples=2400,
+                                                valid_samples=32, model_vocab_size=2048)
+    tok = run_tokenizer(cfg.data)        # the tokenizer those datasets were made with
 
 Embedded corpus: train and held-out documents are written into one indexed dataset, train
 documents first, and the split is given as the document counts ("n_train,n_valid,0"), so
@@ -12,7 +16,7 @@ import os
 
 import torch.distributed as dist
 
-from megatron_step.config.run import RunConfig
+from megatron_step.data.config import DataConfig
 from megatron_step.data.corpus import build_embedded_corpus
 from megatron_step.data.gpt_data import build_gpt_datasets
 from megatron_step.data.preprocess import iter_documents, preprocess
@@ -28,9 +32,8 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _embedded_assets(cfg: RunConfig) -> tuple[str, str, str]:
+def _embedded_assets(d: DataConfig) -> tuple[str, str, str]:
     """(tokenizer model, indexed prefix, split) for the embedded corpus; built once, on rank 0."""
-    d = cfg.data
     root = os.path.abspath(d.data_dir)
     tok_prefix = os.path.join(root, f"tokenizer_v{d.tokenizer_vocab_size}")
     data_prefix = os.path.join(root, f"stdlib_text_document_v{d.tokenizer_vocab_size}")
@@ -52,11 +55,27 @@ def _embedded_assets(cfg: RunConfig) -> tuple[str, str, str]:
     return d.tokenizer_model or tok_prefix + ".model", data_prefix, split
 
 
-def prepare_datasets(cfg: RunConfig):
-    """Returns (train_ds, valid_ds, info). Call on every rank."""
-    d, t = cfg.data, cfg.train
+def run_tokenizer(d: DataConfig) -> StepTokenizer:
+    """The run's tokenizer: `data.tokenizer_model`, or the embedded one (built once, on rank 0)."""
+    if d.tokenizer_model:
+        return StepTokenizer(d.tokenizer_model)
+    return StepTokenizer(_embedded_assets(d)[0])
+
+
+def prepare_datasets(
+    d: DataConfig,
+    *,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    model_vocab_size: int,
+    vocab_multiple: int = 128,
+):
+    """Returns (train_ds, valid_ds, info) of `train_samples` / `valid_samples` sequences. Call on
+    every rank. `model_vocab_size` must hold the tokenizer's pieces; the error suggests a size
+    rounded up to `vocab_multiple` (128 x tensor-parallel size keeps the vocab-parallel split even)."""
     if d.corpus == "embedded":
-        tok_model, prefix, split = _embedded_assets(cfg)
+        tok_model, prefix, split = _embedded_assets(d)
         prefixes = [prefix]
     else:
         if not d.tokenizer_model or not os.path.exists(d.tokenizer_model):
@@ -66,21 +85,19 @@ def prepare_datasets(cfg: RunConfig):
             )
         tok_model, prefixes, split = d.tokenizer_model, d.data_path, d.split
     tokenizer = StepTokenizer(tok_model)
-    model_vocab = cfg.model_config().vocab_size
-    if tokenizer.vocab_size > model_vocab:
+    if tokenizer.vocab_size > model_vocab_size:
         raise ValueError(
-            f"model.vocab_size={model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
-            f"pieces ({tok_model}); set model.vocab_size={tokenizer.padded_vocab_size(128 * cfg.parallel.tp)}"
+            f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            f"pieces ({tok_model}); set model.vocab_size={tokenizer.padded_vocab_size(vocab_multiple)}"
         )
-    gbs = t.global_batch_size
     train_ds, valid_ds = build_gpt_datasets(
         prefixes,
         split,
         d.seq_length,
-        t.seed,
+        seed,
         tokenizer,
-        train_samples=t.steps * gbs,
-        valid_samples=max(1, t.eval_steps) * gbs,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
         cache_dir=os.path.join(os.path.abspath(d.data_dir), "index_cache"),
     )
     info = {

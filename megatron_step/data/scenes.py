@@ -70,14 +70,14 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom": (1, 2),
     "center": (1, 1),
 }
-_PHRASE = {
+POSITION_PHRASES = {
     "left": "on the left",
     "right": "on the right",
     "top": "at the top",
     "bottom": "at the bottom",
     "center": "in the center",
 }
-_NUMBER = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 # True of any picture this generator makes: the sentences an image cannot help predict.
 GENERIC_SENTENCES = (
@@ -177,10 +177,10 @@ def _visual_sentences(rng: random.Random, objects: list[dict]) -> list[dict]:
         unique = len(groups[(colour, shape)]) == 1  # "The red circle" only when there is just one
         form = rng.choice(("size_position", "position", "size")) if unique else "size_position"
         if form == "size_position":
-            text = f"A {size_word} {colour} {shape} is {_PHRASE[pos]}."
+            text = f"A {size_word} {colour} {shape} is {POSITION_PHRASES[pos]}."
             attrs = {"size": size_word, "colour": colour, "shape": shape, "position": pos}
         elif form == "position":
-            text = f"The {colour} {shape} is {_PHRASE[pos]}."
+            text = f"The {colour} {shape} is {POSITION_PHRASES[pos]}."
             attrs = {"colour": colour, "shape": shape, "position": pos}
         else:
             text = f"The {colour} {shape} is {size_word}."
@@ -188,11 +188,11 @@ def _visual_sentences(rng: random.Random, objects: list[dict]) -> list[dict]:
         out.append(_sentence(text, attrs, [i]))
     for (colour, shape), idx in groups.items():
         if len(idx) > 1:
-            text = f"There are {_NUMBER[len(idx)]} {colour} {shape}s."
+            text = f"There are {NUMBER_WORDS[len(idx)]} {colour} {shape}s."
             out.append(_sentence(text, {"count": len(idx), "colour": colour, "shape": shape}, idx))
     if rng.random() < 0.5:
         n = len(objects)
-        text = "There is one shape." if n == 1 else f"There are {_NUMBER[n]} shapes."
+        text = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
         out.append(_sentence(text, {"count": n}, list(range(n))))
     return out
 
@@ -212,9 +212,9 @@ def generate_scene(
     visual=False and both empty. Fewer than `min_objects` objects are possible only when a crowded
     image has no free spot left (never at the default size and counts).
     """
-    if not 1 <= min_objects <= max_objects <= max(_NUMBER):
+    if not 1 <= min_objects <= max_objects <= max(NUMBER_WORDS):
         raise ValueError(
-            f"need 1 <= min_objects({min_objects}) <= max_objects({max_objects}) <= {max(_NUMBER)}"
+            f"need 1 <= min_objects({min_objects}) <= max_objects({max_objects}) <= {max(NUMBER_WORDS)}"
         )
     if size < 32:
         raise ValueError(f"size({size}) must be >= 32 (a small shape would be under 3 px)")

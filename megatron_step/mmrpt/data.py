@@ -1,5 +1,6 @@
-"""MMRPT's data: generated-scene shards when none are given, the caption tokenizer, and the samples
-read through the image-text pipeline (DALI or the webdataset reference, megatron_step/data/wds/).
+"""MMRPT's data: generated-scene shards when none are given, the caption tokenizer, the samples
+read through the image-text pipeline (DALI or the webdataset reference, megatron_step/data/wds/), and
+the next-token batches of captions (`lm_batch`, `caption_sequences`).
 
 The tiny runs hold every decoded sample in memory (4,000 images of 3x32x32 floats: 49 MB); the reader
 is still the pipeline a cluster run streams from, and its skip counter is reported.
@@ -7,17 +8,20 @@ is still the pipeline a cluster run streams from, and its skip counter is report
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
 
 import torch
 
-from megatron_step.config.mmrpt import MMRPTConfig
 from megatron_step.data.shards import scene_samples, write_shards
 from megatron_step.data.tokenizer import StepTokenizer, train_tokenizer
-from megatron_step.mmrpt.text import Sentence, sentences_of
+from megatron_step.data.wds import ImageTextConfig, make_reader
+from megatron_step.mmrpt.config import MMRPTConfig
+from megatron_step.mmrpt.text import CaptionCodec, Sentence, sentences_of
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,6 @@ def ensure_scene_shards(m: MMRPTConfig, heldout: bool) -> str:
 
 def read_samples(pattern: str, m: MMRPTConfig) -> tuple[list[Sample], dict]:
     """Every sample of the shards, decoded by the configured reader. Returns (samples, reader stats)."""
-    from megatron_step.data.wds import ImageTextConfig, make_reader
-
     cfg = ImageTextConfig(
         image_size=m.vision.image_size,
         batch_size=64,
@@ -78,8 +80,6 @@ def read_samples(pattern: str, m: MMRPTConfig) -> tuple[list[Sample], dict]:
 def caption_tokenizer(m: MMRPTConfig, samples: list[Sample]) -> StepTokenizer:
     """A SentencePiece tokenizer trained on the training captions (cached under data_dir by the
     captions' content hash)."""
-    import hashlib
-
     text = "\n".join(s.caption for s in samples)
     digest = hashlib.sha1(f"{m.tokenizer_vocab_size}\n{text}".encode()).hexdigest()[:12]
     prefix = os.path.join(m.data_dir, f"tok-{digest}", "captions")
@@ -94,4 +94,52 @@ def caption_tokenizer(m: MMRPTConfig, samples: list[Sample]) -> StepTokenizer:
     return StepTokenizer(prefix + ".model")
 
 
-__all__ = ["Sample", "caption_tokenizer", "ensure_scene_shards", "read_samples"]
+def images_of(samples: list[Sample]) -> torch.Tensor:
+    """(B, 3, S, S) images of `samples`."""
+    return torch.stack([s.image for s in samples])
+
+
+def lm_batch(seqs: list[list[int]], images: torch.Tensor, text_start: int, pad_id: int) -> dict:
+    """Next-token batch over whole sequences; the loss covers the labels from position `text_start`
+    (the first caption token) on, not the image slots."""
+    b, s = len(seqs), max(len(x) for x in seqs) - 1
+    tokens = torch.full((b, s), pad_id, dtype=torch.long)
+    labels = torch.full((b, s), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, s)
+    for i, seq in enumerate(seqs):
+        n = len(seq) - 1
+        tokens[i, :n] = torch.tensor(seq[:-1])
+        labels[i, :n] = torch.tensor(seq[1:])
+        mask[i, text_start - 1 : n] = 1.0  # labels from the first caption token on
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": pos, "images": images}
+
+
+def caption_sequences(codec: CaptionCodec, samples: list[Sample], rng: random.Random, fill_in: float):
+    """The warm-up / imitation text of each sample: plain, or (with probability `fill_in`) the fill-in
+    format with one uniformly chosen sentence masked and its reconstruction appended."""
+    out = []
+    for s in samples:
+        if len(s.sentences) > 1 and rng.random() < fill_in:
+            prompt, target = codec.fill_in(s.sentences, rng.randrange(len(s.sentences)))
+            out.append(prompt + target)
+        else:
+            out.append(codec.plain(s.sentences)[0])
+    return out
+
+
+def step_samples(samples: list[Sample], order: list[int], step: int, n: int) -> list[Sample]:
+    """The `n` samples of step `step` in the epoch order `order` (wrapping around)."""
+    return [samples[order[(step * n + i) % len(order)]] for i in range(n)]
+
+
+__all__ = [
+    "Sample",
+    "caption_sequences",
+    "caption_tokenizer",
+    "ensure_scene_shards",
+    "images_of",
+    "lm_batch",
+    "read_samples",
+    "step_samples",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from megatron_step.data.scenes import _NUMBER, _PHRASE, PALETTE, SHAPES, SIZES
+from megatron_step.data.scenes import NUMBER_WORDS, PALETTE, POSITION_PHRASES, SHAPES, SIZES
 
 IMAGE, MASK, ANSWER, ANSWER_END, THINK, THINK_END = (
     "<image>",
@@ -110,8 +110,8 @@ class CaptionCodec:
 
 
 # --- attributes of generated-scene sentences ---------------------------------------------------------
-_WORD_NUMBER = {v: k for k, v in _NUMBER.items()}
-_POSITION_OF_PHRASE = {v: k for k, v in _PHRASE.items()}
+_WORD_NUMBER = {v: k for k, v in NUMBER_WORDS.items()}
+_POSITION_OF_PHRASE = {v: k for k, v in POSITION_PHRASES.items()}
 
 
 def parse_attributes(text: str) -> dict:

@@ -1,6 +1,6 @@
 """MACRO: a manifold-constrained Riemannian optimizer for hidden 2-D weight matrices.
 
-Per step, for a matrix W (out, in) on a manifold M of radius R (DESIGN.md section 5):
+Per step, for a matrix W (out, in) on a manifold M of radius R (docs/design.md §5.1):
     M  <- beta * M + (1 - beta) * grad                  momentum (EMA form of the paper)
     G  <- beta * M + (1 - beta) * grad  if nesterov else M
     P  <- P_W(G)                                        Riemannian gradient (tangent projection)

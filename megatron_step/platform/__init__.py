@@ -98,7 +98,7 @@ def _warm_gloo_threads() -> None:
     thread (the copies inside reduce-scatter / all-gather of the distributed optimizer) creates an
     OpenMP team of the global thread count there. With 2 cores that leaves two busy-waiting teams
     competing for the cores, and every later parallel region pays for it: a tiny-preset step took
-    ~320 ms at 2 threads vs ~240 ms at 1 (measured with megatron_step/benchmarks/hf_compare.py).
+    ~320 ms at 2 threads vs ~240 ms at 1 (measured with benchmarks/hf_compare.py).
     Letting the worker thread's first parallel op run at 1 thread avoids the second team.
     A/B on `make demo`'s config (40 steps): 1,109 / 1,127 tokens/s with it, 1,003 / 905 without.
     MEGATRON_STEP_NO_GLOO_WARMUP=1 turns it off (to re-measure)."""

@@ -22,6 +22,8 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class Rollout:
@@ -35,14 +37,20 @@ class Rollout:
     version: int  # policy version (number of optimizer updates of the weights) that generated it
     reward_failed: bool = False  # the reward function failed (error, timeout): `reward` is a placeholder
     routing: object | None = None  # MoE routing recorded during generation (for routing replay); opaque
-    info: dict = field(default_factory=dict)  # free-form extras: task id, finish reason, timings, ...
+    # per response token, the factor on the sequence advantage (E3RL's attention credit over segments);
+    # None: every token takes the sequence advantage as is
+    adv_scale: list[float] | None = None
+    image: torch.Tensor | None = None  # (3, H, W) the image in the prompt (the image-text model, MMRPT)
+    info: dict = field(default_factory=dict)  # what the trainer does not read: correctness, entropy, ...
 
     def __post_init__(self):
-        if len(self.rollout_logp) != len(self.response_ids):
-            raise ValueError(
-                f"rollout of group {self.group}: {len(self.rollout_logp)} rollout_logp for "
-                f"{len(self.response_ids)} response tokens (need one per token)"
-            )
+        for name in ("rollout_logp", "adv_scale"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.response_ids):
+                raise ValueError(
+                    f"rollout of group {self.group}: {len(values)} {name} for "
+                    f"{len(self.response_ids)} response tokens (need one per token)"
+                )
 
 
 @dataclass

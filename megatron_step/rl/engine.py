@@ -110,7 +110,8 @@ class KVCache:
         )
 
 
-def _routers(model) -> list:
+def router_replays(model) -> list:
+    """The MoE layers' RouterReplay objects (Megatron-Core's routing capture / replay), in layer order."""
     return [m.router_replay for m in model.modules() if getattr(m, "router_replay", None) is not None]
 
 
@@ -121,7 +122,7 @@ class Engine:
     def __init__(self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256):
         self.model = model
         self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
-        self.replays = _routers(model)
+        self.replays = router_replays(model)
         self.has_mtp = bool(getattr(model, "mtp_process", False))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
         self.device = next(model.parameters()).device
@@ -281,4 +282,4 @@ class Engine:
         return out
 
 
-__all__ = ["Engine", "Generation", "KVCache", "SamplingParams"]
+__all__ = ["Engine", "Generation", "KVCache", "SamplingParams", "router_replays"]

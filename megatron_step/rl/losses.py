@@ -14,7 +14,7 @@ Three policies meet in one update. All inputs are per-token log-probabilities of
 
 x_t = pi_old / pi_rollout is the train-inference mismatch of token t. GRPO ignores it; TIS multiplies the
 loss by the truncated weight min(x_t, cap); MIS-PO (Step 3.5 Flash) drops tokens and whole trajectories
-whose mismatch is large, with binary masks instead of weights (DESIGN.md section 5). Every kind reports the
+whose mismatch is large, with binary masks instead of weights (docs/design.md §5.2). Every kind reports the
 mismatch and what the MIS-PO masks would keep, so a GRPO run shows whether it would need them.
 
 Numerics: everything is computed in fp32. Masked-out positions (padding, prompt, tool output) may hold

@@ -1,5 +1,9 @@
-"""The trainer's side of RL: pack rollouts into a training batch, replay their MoE routing, and the
-`forward_step_func` that Megatron-Core's forward-backward schedule calls with a policy loss.
+"""The trainer's side of RL: pack rollouts into a training batch, replay their MoE routing, the
+`forward_step_func` that Megatron-Core's forward-backward schedule calls with a policy loss, and the
+policy update (one optimizer step on a batch of prompt groups).
+
+    update = PolicyUpdate(chunks, optimizer, scheduler, PolicyLossConfig("mispo"), micro_batch_size=8)
+    metrics = update(groups)      # groups: list[list[Rollout]], this rank's share
 
 Layout of a packed batch (B sequences, S = longest prompt + response - 1 positions):
     tokens[b, s]   = (prompt + response)[s]          input, right-padded with pad_id
@@ -15,11 +19,16 @@ labels: logp = -CE, so TP needs no gathered logits.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-from megatron_step.rl.engine import _routers
-from megatron_step.rl.losses import PolicyLossConfig, policy_loss
+from megatron_step.platform import to_device
+from megatron_step.rl.buffer import Rollout
+from megatron_step.rl.engine import router_replays
+from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
+from megatron_step.training.step import train_step
 
 
 def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
@@ -78,7 +87,7 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
 
 def set_replay(model, routing: list[torch.Tensor] | None) -> None:
     """Replay `routing` (per MoE layer, rows s * B + b) in the next forward of `model`; None clears."""
-    replays = _routers(model)
+    replays = router_replays(model)
     for r in replays:
         r.clear_indices()
         r.clear_router_replay_action()
@@ -123,11 +132,71 @@ def make_forward_step(cfg: PolicyLossConfig):
                 ref_logp=batch.get("ref_logp"),
             )
             metrics = {k: torch.tensor(float(v)) for k, v in metrics.items()}
-            return loss, {"policy loss": loss.detach().clone(), **metrics}
+            return loss, {"loss": loss.detach().clone(), **metrics}
 
         return logp, loss_func
 
     return forward_step
 
 
-__all__ = ["make_forward_step", "pack", "set_replay", "token_logp"]
+class PolicyUpdate:
+    """One optimizer step of the policy loss on prompt groups (`__call__`): group advantages, packed
+    microbatches with pi_old from the trainer's forward, Megatron-Core's forward-backward with routing
+    replayed, the optimizer step (megatron_step.training.step.train_step)."""
+
+    def __init__(
+        self, chunks, optimizer, scheduler, loss: PolicyLossConfig, micro_batch_size: int, replay=True
+    ):
+        self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
+        self.forward_step = make_forward_step(loss)
+        self.mbs, self.replay = micro_batch_size, replay
+        self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
+
+    def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
+        """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
+        model = self.chunks[0]
+        rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
+        adv = group_advantages(rewards)
+        items = [
+            {
+                "prompt_ids": r.prompt_ids,
+                "response_ids": r.response_ids,
+                "rollout_logp": r.rollout_logp,
+                # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
+                "advantage": (
+                    float(adv[i, j]) if r.adv_scale is None else [float(adv[i, j]) * x for x in r.adv_scale]
+                ),
+                "routing": r.routing,
+                "image": r.image,
+            }
+            for i, grp in enumerate(groups)
+            for j, r in enumerate(grp)
+            if not r.reward_failed  # a failed reward scores 0 in its group's statistics but is not trained on
+        ]
+        micro = [
+            to_device(pack(items[i : i + self.mbs], replay=self.replay))
+            for i in range(0, len(items), self.mbs)
+        ]
+        t0 = time.perf_counter()
+        with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
+            for b in micro:
+                b["old_logp"] = token_logp(model, b) * b["mask"]
+        result = train_step(
+            self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step,
+            seq_length=max(b["tokens"].shape[1] for b in micro), micro_batch_size=self.mbs,
+        )  # fmt: skip
+        self.skipped += not result.update_successful
+        dt = time.perf_counter() - t0
+        metrics = {f"policy/{key}": result.mean(key) for key in result.metrics[0]}
+        n_tok = sum(float(b["mask"].sum()) for b in micro)
+        metrics.update(
+            {
+                "train/grad_norm": float(result.grad_norm or 0.0),
+                "train/tokens_per_sec": n_tok / dt,
+                "train/skipped_iterations": float(self.skipped),
+            }
+        )
+        return metrics
+
+
+__all__ = ["PolicyUpdate", "make_forward_step", "pack", "set_replay", "token_logp"]

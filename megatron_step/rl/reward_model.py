@@ -28,6 +28,8 @@ import random
 
 import torch
 
+from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
+from megatron_step.platform import ParallelConfig
 from megatron_step.rl.tasks import Problem, prompt_text, solution_text
 
 
@@ -66,10 +68,6 @@ class RewardModel(torch.nn.Module):
     @classmethod
     def load(cls, path: str, parallel=None) -> RewardModel:
         """Rebuild the backbone from the saved StepFlashConfig and load the weights (1 process)."""
-        from megatron_step.models.step_flash import build_step_flash
-        from megatron_step.models.step_flash.config import StepFlashConfig
-        from megatron_step.platform import ParallelConfig
-
         # our own dict of tensors and plain values; saved on any device, loaded on the CPU first
         blob = torch.load(path, map_location="cpu", weights_only=True)
         cfg = StepFlashConfig(**blob["model_config"])

@@ -1,6 +1,7 @@
 """The embedded default RL task: generated multi-step integer arithmetic with verifiable answers.
 
-    from megatron_step.rl.tasks import arithmetic_problems, extract_answer, prompt_text, solution_text
+    from megatron_step.rl.tasks import arithmetic_problems, prompt_text, solution_text
+    from megatron_step.rl.rewards import extract_answer
     train = arithmetic_problems(10_000, seed=0)                      # RL prompts / warm-up targets
     heldout = arithmetic_problems(500, seed=0, split="heldout")      # never seen in training
     p = train[0]
@@ -31,12 +32,18 @@ import operator
 import random
 import re
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from megatron_step.rl.config import RLConfig
+from megatron_step.rl.rewards import math_reward, resolve_callable
 
 __all__ = [
     "SPLITS",
+    "ArithmeticTask",
     "Problem",
+    "Task",
+    "make_task",
     "arithmetic_problems",
-    "extract_answer",
     "prompt_text",
     "solution_text",
     "split_of",
@@ -48,8 +55,6 @@ _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 # A key with parentheses removed: "3 + 4 * 2" (single spaces around each operator, no signs).
 _FLAT_KEY = re.compile(r"\d+(?: [-+*] \d+)*")
 _TOKEN = re.compile(r"\d+|[-+*]")
-# Non-greedy and DOTALL: the *first* answer tag wins, and an answer may span lines.
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,81 @@ def prompt_text(problem: Problem) -> str:
     return f"Q: {problem.prompt}\nA:"
 
 
-def extract_answer(response: str) -> str | None:
-    """The stripped content of the first <answer>...</answer> in `response`, None if there is none.
-    An empty tag gives "" (present but empty), which no reward counts as correct."""
-    m = _ANSWER.search(response)
-    return m.group(1).strip() if m else None
+# ---------------------------------------------------------------------------------------------------
+# The prompt source of the RL stage: a typed hook, as the reward is
+# ---------------------------------------------------------------------------------------------------
+@runtime_checkable
+class Task(Protocol):
+    """Where the RL stage's prompts come from and how a response is judged; `rl.task` selects one.
+
+    Problems are opaque to the stage: it only hands them back to the task. Contract: `train` and
+    `heldout` are pure functions of their arguments (every data-parallel rank draws the same lists),
+    and the two splits never share a problem.
+    """
+
+    def train(self, n: int, seed: int) -> list:
+        """`n` training problems (RL prompts and the supervised warm-up's targets)."""
+        ...
+
+    def heldout(self, n: int, seed: int) -> list:
+        """`n` held-out problems, for evaluation only."""
+        ...
+
+    def prompt(self, problem) -> str:
+        """The text the policy reads."""
+        ...
+
+    def reference(self, problem) -> str:
+        """What the reward function receives as `reference` (e.g. the final answer)."""
+        ...
+
+    def solution(self, problem) -> str:
+        """A worked reference response: the supervised warm-up's target and the preference RM's
+        reference."""
+        ...
+
+    def correct(self, problem, response: str) -> bool:
+        """Whether `response` solves `problem` (the accuracy the stage reports)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """The embedded default: generated multi-step arithmetic (`arithmetic_problems`), graded by
+    `megatron_step.rl.rewards.math_reward`'s answer check."""
+
+    min_steps: int = 1
+    max_steps: int = 2
+    max_operand: int = 5
+
+    def _kw(self) -> dict:
+        return dict(min_steps=self.min_steps, max_steps=self.max_steps, max_operand=self.max_operand)
+
+    def train(self, n: int, seed: int) -> list[Problem]:
+        return arithmetic_problems(n, seed, **self._kw())
+
+    def heldout(self, n: int, seed: int) -> list[Problem]:
+        return arithmetic_problems(n, seed, split="heldout", **self._kw())
+
+    def prompt(self, problem: Problem) -> str:
+        return prompt_text(problem)
+
+    def reference(self, problem: Problem) -> str:
+        return problem.answer
+
+    def solution(self, problem: Problem) -> str:
+        return solution_text(problem)
+
+    def correct(self, problem: Problem, response: str) -> bool:
+        return math_reward("", response, problem.answer) == 1.0
+
+
+def make_task(rl: RLConfig) -> Task:
+    """The task `rl.task` names: "arithmetic" (the embedded default, shaped by `rl.task_*`), or a
+    `package.module:callable` taking the RLConfig and returning a Task."""
+    if rl.task == "arithmetic":
+        return ArithmeticTask(rl.task_min_steps, rl.task_max_steps, rl.task_max_operand)
+    task = resolve_callable(rl.task, "rl.task")(rl)
+    if not isinstance(task, Task):
+        raise ValueError(f"rl.task={rl.task!r} returned {type(task).__name__}, not a Task (rl/tasks.py)")
+    return task

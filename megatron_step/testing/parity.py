@@ -20,12 +20,13 @@ import os
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step import platform
+from megatron_step.optim.config import OptimConfig
+from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
 from megatron_step.platform import ParallelConfig
-from megatron_step.training.step import lm_forward_step, wrap_ddp
+from megatron_step.testing.distributed import run_distributed
+from megatron_step.training.step import dp_mean, train_step, wrap_ddp
 
 GLOBAL_BATCH = 4  # sequences per step; microbatch size 1
 SEED = 1234
@@ -37,10 +38,11 @@ def global_batch(vocab_size: int, seq_length: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (GLOBAL_BATCH, seq_length + 1), generator=g)
 
 
-def train_step(model, data) -> float | None:
-    """One fwd/bwd over this rank's DP slice of the global batch; returns the DP-mean loss (last
-    pipeline stage) or None (other stages). `data`: (GLOBAL_BATCH, S + 1) token ids, or for the
-    image-text model a dict {"tokens": that, "images": (GLOBAL_BATCH, 3, H, W)}."""
+def layout_step(model, data, optimizer=None) -> float | None:
+    """One training step (megatron_step.training.step.train_step; gradients only without `optimizer`)
+    over this rank's DP slice of the global batch; returns the DP-mean loss (last pipeline stage) or
+    None (other stages). `data`: (GLOBAL_BATCH, S + 1) token ids, or for the image-text model a dict
+    {"tokens": that, "images": (GLOBAL_BATCH, 3, H, W)}."""
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = data["tokens"] if isinstance(data, dict) else data
     lo, hi = dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp
@@ -51,22 +53,12 @@ def train_step(model, data) -> float | None:
         ]
     else:
         micro = [(row[None, :-1], row[None, 1:]) for row in rows[lo:hi]]
-    model.zero_grad_buffer()
-    losses = get_forward_backward_func()(
-        forward_step_func=lm_forward_step,
-        data_iterator=iter(micro),
-        model=[model],
-        num_microbatches=len(micro),
-        seq_length=rows.shape[1] - 1,
-        micro_batch_size=1,
-        forward_only=False,
-    )
-    finalize_model_grads([model])
-    if not ps.is_pipeline_last_stage():
-        return None
-    loss = torch.stack([d["lm loss"] for d in losses]).mean()
-    torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-    return (loss / dp).item()
+    result = train_step([model], optimizer, None, micro, seq_length=rows.shape[1] - 1, micro_batch_size=1)
+    if optimizer is not None:
+        assert result.update_successful
+    local = {"loss": result.mean("lm_loss")} if ps.is_pipeline_last_stage() else {}
+    loss = dp_mean(local, group=ps.get_data_parallel_group())
+    return loss.get("loss")
 
 
 def grads_into_params(model) -> None:
@@ -88,7 +80,7 @@ def run_layout(rank, world_size, build, parallel_kw, data, weights_dir, grads_di
     else:
         state = dist_checkpointing.load(model.module.sharded_state_dict(), weights_dir)
         model.module.load_state_dict(state)
-    loss = train_step(model, data)
+    loss = layout_step(model, data)
     grads_into_params(model)
     dist_checkpointing.save(model.module.sharded_state_dict(), grads_dir)
     return loss
@@ -112,8 +104,6 @@ def compare_layout(
     """Run `parallel_kw` on `world_size` ranks from the reference weights; assert its loss and every
     gradient match the reference (`reference` = {"loss", "weights", "grads"} from a 1-rank
     `run_layout`) within `rtol` (relative, per tensor, Frobenius norm). Returns the errors."""
-    from megatron_step.testing.distributed import run_distributed
-
     losses = run_distributed(
         run_layout, world_size, build, parallel_kw, data, reference["weights"], grads_dir, False
     )
@@ -131,8 +121,6 @@ def compare_layout(
 
 def make_reference(build, data, root) -> dict:
     """1-rank reference: saves the initial weights and the gradients of one step under `root`."""
-    from megatron_step.testing.distributed import run_distributed
-
     weights, grads = os.path.join(root, "weights"), os.path.join(root, "grads")
     (loss,) = run_distributed(run_layout, 1, build, {}, data, weights, grads, True)
     return {"loss": loss, "weights": weights, "grads": grads}
@@ -147,9 +135,6 @@ def run_steps(
     """`steps` optimizer steps (megatron_step.optim.factory, `optim_kw` -> OptimConfig) under
     `parallel_kw` from the weights in weights_dir (saved there first with save_weights); the final
     weights go to out_dir as a sharded checkpoint. Returns the DP-mean loss of every step."""
-    from megatron_step.config.run import OptimConfig
-    from megatron_step.optim.factory import build_optimizer, matrix_predicate, tag_routers
-
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=SEED)
     o = OptimConfig(**optim_kw)
@@ -162,14 +147,7 @@ def run_steps(
     else:
         model.module.load_state_dict(dist_checkpointing.load(model.module.sharded_state_dict(), weights_dir))
     optimizer = build_optimizer(o, [model], bf16=False)
-    losses = []
-    for _ in range(steps):
-        # FP32Optimizer points param.grad at the DDP main_grad; unless it is cleared, autograd would
-        # accumulate into it and DDP add it again (the trainer does the same, loop.py)
-        optimizer.zero_grad()
-        losses.append(train_step(model, data))
-        ok, _, _ = optimizer.step()
-        assert ok
+    losses = [layout_step(model, data, optimizer) for _ in range(steps)]
     os.makedirs(out_dir, exist_ok=True)
     dist_checkpointing.save(model.module.sharded_state_dict(), out_dir)
     return losses
@@ -177,8 +155,6 @@ def run_steps(
 
 def make_step_reference(build, optim_kw, data, root, steps: int) -> dict:
     """1-rank reference for `compare_steps`: initial weights and the weights after `steps`."""
-    from megatron_step.testing.distributed import run_distributed
-
     weights, final = os.path.join(root, "weights"), os.path.join(root, "final")
     (losses,) = run_distributed(run_steps, 1, build, {}, optim_kw, data, weights, final, steps, True)
     return {"losses": losses, "weights": weights, "final": final, "steps": steps, "optim": optim_kw}
@@ -188,8 +164,6 @@ def compare_steps(build, parallel_kw, data, reference: dict, out_dir: str, world
     """Run the reference's optimizer for its number of steps under `parallel_kw`; assert every loss
     and every final weight match the 1-rank reference within `rtol` (relative, Frobenius norm per
     tensor). Weights that moved are compared, and there must be some. Returns the errors."""
-    from megatron_step.testing.distributed import run_distributed
-
     runs = run_distributed(
         run_steps,
         world_size,

@@ -40,7 +40,8 @@ def _ckpt_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def _iter_dir(run_dir: str, step: int) -> str:
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    """<run_dir>/checkpoints/iter_<step>: where step `step`'s complete checkpoint lives."""
     return os.path.join(_ckpt_root(run_dir), f"iter_{step:07d}")
 
 
@@ -93,7 +94,7 @@ def _barrier():
 def save_checkpoint(run_dir: str, step: int, chunks, optimizer, scheduler, extra: dict) -> str:
     """Save on every rank (collective). Returns the committed directory."""
     root = _ckpt_root(run_dir)
-    final = _iter_dir(run_dir, step)
+    final = checkpoint_dir(run_dir, step)
     tmp = final + ".tmp"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
@@ -161,7 +162,7 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
         raise FileNotFoundError(
             f"no checkpoint under {_ckpt_root(run_dir)} (no 'latest' file); run without --resume first"
         )
-    path = _iter_dir(run_dir, step)
+    path = checkpoint_dir(run_dir, step)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: named by 'latest' but missing")
     common = dist_checkpointing.load_common_state_dict(path)
@@ -207,7 +208,7 @@ def load_model_weights(run_dir: str, chunks, step: int | None = None, optimizer=
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {_ckpt_root(run_dir)} (no 'latest' file)")
-    path = _iter_dir(run_dir, step)
+    path = checkpoint_dir(run_dir, step)
     state = _model_sharded_state_dict(chunks)
     loaded = dist_checkpointing.load(state, path)
     if len(chunks) == 1:

@@ -21,18 +21,19 @@ import warnings
 from collections import defaultdict
 
 import torch
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
-from megatron_step.config.run import RunConfig
+from megatron_step import platform
+from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
+from megatron_step.platform import ParallelConfig
+from megatron_step.training.config import TrainConfig
 
 GiB = 1024**3
 
 
 def _per_layer_params(cfg) -> tuple[dict, dict, int, int, list[int]]:
     """(dense params by layer, expert params by layer, embedding, head, MTP modules) of the full model."""
-    from megatron_step import platform
-    from megatron_step.models.step_flash import build_step_flash
-    from megatron_step.platform import ParallelConfig
-
     platform.setup(ParallelConfig(), seed=0)
     with torch.device("meta"):
         model = build_step_flash(cfg, ParallelConfig(), use_te=False, initialize=False)
@@ -59,9 +60,6 @@ def _stages(parallel, num_layers: int) -> dict[tuple[int, int], list[int]]:
     pp, vpp = parallel.pp, parallel.vpp or 1
     out = {(r, v): [] for r in range(pp) for v in range(vpp)}
     if parallel.pipeline_layout:
-        from megatron.core.transformer.enums import LayerType
-        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
-
         layout = PipelineParallelLayerLayout(parallel.pipeline_layout, pp).layout
         nxt = 0
         for v in range(vpp):
@@ -79,15 +77,17 @@ def _stages(parallel, num_layers: int) -> dict[tuple[int, int], list[int]]:
     return out
 
 
-def dry_run(cfg: RunConfig, world_size: int) -> dict:
+def memory_estimate(
+    m: StepFlashConfig, p: ParallelConfig, t: TrainConfig, seq_length: int, world_size: int
+) -> dict:
+    """Per pipeline rank: parameters, weights / grads / optimizer / activation GiB (module docstring).
+    The layout must have been validated (megatron_step.stages.pretrain.dry_run does)."""
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
-    cfg.validate(world_size)  # layout, batch divisibility, layer split: raises with the numbers
-    m, p, t = cfg.model_config(), cfg.parallel, cfg.train
     dense, expert, emb, head, mtp = _per_layer_params(m)
     stages = _stages(p, m.num_layers)
     dp, edp = p.dp(world_size), p.expert_dp(world_size)
-    seq, mbs, h = cfg.data.seq_length, t.micro_batch_size, m.hidden_size
+    seq, mbs, h = seq_length, t.micro_batch_size, m.hidden_size
     n_micro = t.global_batch_size // (mbs * dp)
     act_dense = 34 * seq * mbs * h / p.tp
     act_moe = m.moe_topk * seq * mbs * 3 * m.moe_ffn_hidden_size * 2 / p.ep

@@ -2,6 +2,10 @@
 
 Only one rank writes (the first DP/TP rank of the last pipeline stage, where the loss lives);
 the others get a no-op monitor.
+
+Scalar names are one slash-namespaced scheme, lower case, no spaces (`train/lm_loss`,
+`rl/reward_mean`, `moe/load_max/layer_03`; the list is docs/metrics.md); `Monitor.scalars` refuses
+any other name, so a new metric cannot drift from the scheme.
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import platform as pyplatform
+import re
 import subprocess
 import sys
 
 import torch
 from megatron.core import parallel_state as ps
+
+METRIC_NAME = re.compile(r"[a-z0-9_]+(/[a-z0-9_]+)+")
 
 
 def is_logging_rank() -> bool:
@@ -57,6 +64,20 @@ def versions() -> dict:
     return out
 
 
+def run_banner(env, config: dict, **extra) -> dict:
+    """What a run records about itself at start (git hash, versions, layout, the resolved config)."""
+    return {
+        "git": git_hash(),
+        "versions": versions(),
+        "world_size": env.world_size,
+        "layout": env.parallel.describe(env.world_size),
+        "device": str(env.device),
+        "cpu_patched": env.cpu_patched,
+        **extra,
+        "config": config,
+    }
+
+
 class Monitor:
     """TensorBoard + tqdm + run_info.json, on the logging rank only."""
 
@@ -95,6 +116,9 @@ class Monitor:
         self.writer.add_text("run_info", f"```\n{text}\n```", 0)
 
     def scalars(self, step: int, values: dict) -> None:
+        bad = [k for k in values if not METRIC_NAME.fullmatch(k)]
+        if bad:
+            raise ValueError(f"metric name {bad[0]!r} is outside the scheme section/name (docs/metrics.md)")
         if not self.enabled:
             return
         for k, v in values.items():

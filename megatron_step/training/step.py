@@ -1,18 +1,57 @@
-"""What every training path here shares (the trainer, the parity harness, the demo, the benchmarks):
-the language-model `forward_step_func` that Megatron-Core's schedules call, and the DDP wrapping.
+"""The one trainer step and the one data-parallel mean, shared by every training path here (text
+pretraining, the RL update, MMRPT, the parity harness, the demos and the benchmarks), plus the
+language-model `forward_step_func` and the DDP wrapping they all use.
+
+    chunks = [wrap_ddp(model)]
+    result = train_step(chunks, optimizer, scheduler, micro, seq_length=128, micro_batch_size=4)
+    result.metrics            # per-microbatch metric dicts from the loss function (last pipeline stage)
+    result.grad_norm, result.update_successful     # a skipped update (inf/nan under a loss scaler)
+    logged = dp_mean({"train/lm_loss": loss})      # mean over the data-parallel ranks
+
+A step: zero the DDP grad buffers and the optimizer's grads -> Megatron-Core's forward-backward
+schedule over the microbatches (`forward_backward`, the one call of `get_forward_backward_func`) ->
+`finalize_model_grads` (DP/TP/PP gradient reductions and the aux-loss-free expert-bias update) ->
+`optimizer.step()` (clipping inside) -> the LR schedule, advanced only when the update was applied
+(as Megatron-LM does; callers count the others as skipped iterations).
 
 A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
 (B, S), and optional "images" (B, 3, H, W) for the image-text model; or a (tokens, labels) pair.
+
+Process groups: `dp_mean` and `from_last_stage` take the group to reduce over (default: Megatron-Core's
+data-parallel group incl. context parallelism, resp. the pipeline group), as set up by
+megatron_step.platform.setup; nothing else here talks to other ranks except through Megatron-Core.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from dataclasses import dataclass, field
+
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_step.platform import compute_device, to_device
+
+__all__ = [
+    "StepResult",
+    "dp_mean",
+    "forward_backward",
+    "from_last_stage",
+    "lm_forward_step",
+    "train_step",
+    "wrap_ddp",
+]
 
 
 def lm_forward_step(data_iterator, model):
-    from megatron_step.platform import to_device
-
+    """Megatron-Core `forward_step_func` of the next-token loss (masked by `loss_mask` when given)."""
     batch = next(data_iterator)
     if not isinstance(batch, dict):
         batch = {"tokens": batch[0], "labels": batch[1]}
@@ -32,9 +71,140 @@ def lm_forward_step(data_iterator, model):
         else:
             loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp_min(1.0)
         # clone: the schedule divides the returned loss in place by the number of microbatches
-        return loss, {"lm loss": loss.detach().clone()}
+        return loss, {"lm_loss": loss.detach().clone()}
 
     return per_token, loss_func
+
+
+def forward_backward(
+    chunks: list,
+    microbatches: list,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step=lm_forward_step,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Megatron-Core's schedule (no pipelining, 1F1B, or interleaved with several chunks) over
+    `microbatches`; returns the loss function's metric dicts (last pipeline stage; [] elsewhere)."""
+    iters = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+@dataclass
+class StepResult:
+    metrics: list[dict]  # the loss function's dicts, one per microbatch (last pipeline stage; [] elsewhere)
+    grad_norm: float | None  # before clipping; None without an optimizer step
+    update_successful: bool  # False: the optimizer skipped the update (inf/nan grads under a loss scaler)
+    seconds: dict[str, float] = field(default_factory=dict)  # forward_backward, finalize, optimizer
+    observed: dict | None = None  # what `observe` returned
+
+    def mean(self, key: str) -> float | None:
+        """This rank's mean of metric `key` over the microbatches (None where there are none)."""
+        values = [m[key] for m in self.metrics if key in m]
+        return float(torch.stack(values).float().mean()) if values else None
+
+
+def train_step(
+    chunks: list,
+    optimizer,
+    scheduler,
+    microbatches: list,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step=lm_forward_step,
+    observe=None,
+    phase=None,
+) -> StepResult:
+    """One optimizer step over `microbatches` (this rank's share of the global batch).
+
+    `optimizer` None: gradients only (zero, forward-backward, finalize), for a caller that inspects
+    them (the parity harness). `observe()`: called between the backward pass and the gradient
+    reductions, for what those consume (the routers' token counts); its value lands in
+    `StepResult.observed`. `phase(name)`: an optional context-manager factory wrapped around each
+    part (profilers); the parts are timed either way."""
+    phase = phase or (lambda name: contextlib.nullcontext())
+    seconds = {}
+    t0 = time.perf_counter()
+    with phase("forward_backward"):
+        for c in chunks:
+            c.zero_grad_buffer()
+        if optimizer is not None:
+            optimizer.zero_grad()
+        metrics = forward_backward(
+            chunks,
+            microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_step=forward_step,
+        )
+    observed = observe() if observe is not None else None
+    t1 = time.perf_counter()
+    with phase("finalize"):
+        finalize_model_grads(chunks)  # DP/TP/PP grad reductions + aux-loss-free expert-bias update
+    t2 = time.perf_counter()
+    seconds.update(forward_backward=t1 - t0, finalize=t2 - t1)
+    if optimizer is None:
+        return StepResult(metrics, None, True, seconds, observed)
+    with phase("optimizer"):
+        ok, grad_norm, _ = optimizer.step()
+    if ok and scheduler is not None:
+        scheduler.step(1)
+    seconds["optimizer"] = time.perf_counter() - t2
+    norm = None if grad_norm is None else float(grad_norm)
+    return StepResult(metrics, norm, bool(ok), seconds, observed)
+
+
+def _dp_group():
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def dp_mean(metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per key, the mean over the ranks of `group` (default: data parallel x context parallel) that
+    report it -- ranks may differ in keys (an MMRPT rank whose masked sentences are all generic has no
+    attribute term); keys in `max_keys` get the maximum instead (e.g. staleness/max). Every rank of
+    the group must call it. Sums run in float64 on the compute device (NCCL moves CUDA tensors)."""
+    group = _dp_group() if group is None else group
+    n = dist.get_world_size(group) if dist.is_initialized() else 1
+    if n == 1:
+        return dict(metrics)
+    key_sets: list = [None] * n
+    dist.all_gather_object(key_sets, sorted(metrics), group=group)
+    keys = sorted({k for ks in key_sets for k in ks})
+    dev = compute_device()
+    present = torch.tensor([float(k in metrics) for k in keys], dtype=torch.float64, device=dev)
+    sums = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=dev)
+    peaks = torch.tensor(
+        [float(metrics.get(k, -float("inf"))) for k in keys], dtype=torch.float64, device=dev
+    )
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(present, group=group)
+    if max_keys:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+    out = {}
+    for i, k in enumerate(keys):
+        out[k] = float(peaks[i]) if k in max_keys else float(sums[i]) / float(present[i])
+    return out
+
+
+def from_last_stage(metrics: dict[str, float], group=None) -> dict[str, float]:
+    """The last pipeline stage's `metrics` on every stage of `group` (default: the pipeline group):
+    the loss lives on the last stage, logging and stopping decisions happen everywhere."""
+    group = ps.get_pipeline_model_parallel_group() if group is None else group
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return dict(metrics)
+    box = [metrics if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
+    return dict(box[0])
 
 
 def wrap_ddp(model, distributed_optimizer: bool = True, layer_wise_params=None):
@@ -45,10 +215,6 @@ def wrap_ddp(model, distributed_optimizer: bool = True, layer_wise_params=None):
     `layer_wise_params` (a parameter predicate, see megatron_step.optim.factory.matrix_predicate):
     the matrices it selects get Megatron-Core's layer-wise buffer layout (whole matrices per DP
     rank, for LayerWiseDistributedOptimizer); the rest keep the ZeRO-1 layout."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
-
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
     )
@@ -56,8 +222,6 @@ def wrap_ddp(model, distributed_optimizer: bool = True, layer_wise_params=None):
     if distributed_optimizer and layer_wise_params is None:
         # the ZeRO-1 layout, computed here as Megatron-Core asks callers to (DDP would otherwise
         # compute the same one itself, with a warning)
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
         layout = DistributedOptimizer.compute_full_param_layout(
             [p for p in model.parameters() if p.requires_grad],
             None,  # overlap_grad_reduce is off: one bucket

@@ -22,12 +22,8 @@ from safetensors.torch import load_file, save_file
 from megatron_step import platform
 from megatron_step.convert.hf_checkpoint import HFReader, export_to_hf, import_from_hf
 from megatron_step.models.step_flash import build_step_flash, tiny
-from megatron_step.models.step_flash.hf import (
-    hf_native_to_mcore,
-    hf_text_config,
-    mcore_to_hf_native,
-    step_config_from_hf,
-)
+from megatron_step.models.step_flash.hf import hf_native_to_mcore, mcore_to_hf_native
+from megatron_step.models.step_flash.hf_config import hf_text_config, step_config_from_hf
 from megatron_step.platform import ParallelConfig
 from megatron_step.testing import run_distributed
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_step import platform
 from megatron_step.data import StepTokenizer, build_gpt_datasets
+from megatron_step.platform import ParallelConfig
 from megatron_step.testing import run_distributed
 
 SEQ = 32
@@ -57,8 +59,6 @@ def test_missing_prefix_is_a_clear_error(tok, tmp_path):
 
 
 def _rank_body(rank, world_size, prefix, model, cache_dir):
-    from megatron_step import platform
-    from megatron_step.platform import ParallelConfig
 
     platform.setup(ParallelConfig(), seed=0)
     train, valid = _build(prefix, StepTokenizer(model), cache_dir)

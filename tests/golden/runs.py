@@ -33,33 +33,6 @@ GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
 RTOL = 1e-5
 ENV = {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "PYTHONHASHSEED": "0"}
 
-# ---------------------------------------------------------------------------------------------------
-# TensorBoard tag of each golden column in the code as it was when the files were written
-# (megatron_step before the metric renaming); removed once the code logs these names itself.
-ALIASES: dict[str, str] = {
-    "train/lm_loss": "lm loss",
-    "train/mtp_1_loss": "mtp_1 loss",
-    "train/mtp_2_loss": "mtp_2 loss",
-    "train/mtp_3_loss": "mtp_3 loss",
-    "train/grad_norm": "grad norm",
-    "val/lm_loss": "val loss",
-    "rl/reward_mean": "reward/mean",
-    "rl/accuracy_train": "accuracy/train",
-    "rl/response_length": "response length",
-    "rl/accuracy_heldout": "accuracy/heldout",
-    "policy/loss": "loss/policy loss",
-    "policy/mismatch_kl": "loss/mismatch_kl",
-    "e3rl/erasures_per_rollout": "e3rl/erasures per rollout",
-    "e3rl/tokens_regenerated": "e3rl/tokens regenerated",
-    "mmrpt/reward_total": "reward/total",
-    "mmrpt/mask_threshold": "mask/threshold",
-    "eval/attribute_accuracy": "eval/attribute accuracy",
-    "eval/d_roc_auc": "eval/D roc_auc",
-    "eval/caption_loss": "eval/caption loss",
-}
-# the MMRPT warm-up logged its loss under another tag than pretraining
-ALIASES_BY_FILE: dict[str, dict[str, str]] = {"mmrpt_warmup": {"train/lm_loss": "loss/lm loss"}}
-
 
 @dataclass
 class Run:
@@ -263,10 +236,7 @@ def execute(run: Run, work: str, log=print) -> float:
 
 def curves_of(work: str, file: str) -> golden.Curves:
     run_dir, keys = FILES[file].outputs[file]
-    aliases = {**ALIASES, **ALIASES_BY_FILE.get(file, {})}
-    tags = [aliases.get(k, k) for k in keys]
-    got = golden.read_run(os.path.join(work, run_dir), tags)
-    return {k: got[t] for k, t in zip(keys, tags)}
+    return golden.read_run(os.path.join(work, run_dir), keys)
 
 
 def header(file: str) -> list[str]:

@@ -12,9 +12,12 @@ import random
 import pytest
 import webdataset as wds
 
+from megatron_step.config.run import MMRPTRunConfig, load_run_config
 from megatron_step.data.shards import scene_samples, write_shards
+from megatron_step.stages.mmrpt import train_mmrpt
 from megatron_step.testing import run_distributed
-from tests.rl.test_rl_loop import _scalars  # one TensorBoard reader for the run tests
+from megatron_step.testing.golden import read_run
+from megatron_step.training.checkpoint import checkpoint_dir, latest_step
 
 pytestmark = pytest.mark.distributed
 
@@ -49,10 +52,7 @@ def shards(tmp_path_factory):
 
 
 def _run(rank, world_size, overrides):
-    from megatron_step.config.run import load_run_config
-    from megatron_step.mmrpt.loop import train_mmrpt
-
-    return train_mmrpt(load_run_config("examples/mmrpt/mmrpt_tiny.yaml", overrides))
+    return train_mmrpt(load_run_config("examples/mmrpt/mmrpt_tiny.yaml", overrides, MMRPTRunConfig))
 
 
 def _overrides(shards, run_dir, objective):
@@ -87,18 +87,23 @@ def test_mmrpt_run_skips_corrupt_samples_and_logs_rewards(rl_run):
     # the corrupt samples were skipped and counted; every good one was read (48 + 2)
     assert rl["data"]["train"]["skipped"] == SKIPPED
     assert rl["data"]["train"]["samples"] == 50
-    assert rl["warmup"]["last loss"] < rl["warmup"]["first loss"]
-    for key in ("attribute accuracy", "exact match", "well formed", "D roc_auc", "caption loss"):
+    assert rl["warmup"]["last_loss"] < rl["warmup"]["first_loss"]
+    for key in ("attribute_accuracy", "exact_match", "well_formed", "d_roc_auc", "caption_loss"):
         assert key in rl["start"] and key in rl["end"]
     steps = rl["history"]
     assert [h["step"] for h in steps] == [1, 2]
-    assert all("reward/total" in h and "mask/threshold" in h and "loss/policy loss" in h for h in steps)
-    scalars = _scalars(run_dir).Tags()["scalars"]
-    assert {"reward/total", "reward/attribute", "mask/visual precision", "eval/D roc_auc"} <= set(scalars)
+    assert all(
+        "mmrpt/reward_total" in h and "mmrpt/mask_threshold" in h and "policy/loss" in h for h in steps
+    )
+    scalars = set(read_run(run_dir))
+    assert {
+        "mmrpt/reward_total",
+        "mmrpt/reward_attribute",
+        "mmrpt/mask_visual_precision",
+        "eval/d_roc_auc",
+    } <= scalars
     assert os.path.exists(os.path.join(run_dir, "result.json"))
-    from megatron_step.training.checkpoint import _iter_dir, latest_step
-
-    assert latest_step(run_dir) == 2 and os.path.isdir(_iter_dir(run_dir, 1))  # mid-run save + final
+    assert latest_step(run_dir) == 2 and os.path.isdir(checkpoint_dir(run_dir, 1))  # mid-run save + final
 
 
 @pytest.mark.slow
@@ -108,9 +113,9 @@ def test_caption_baseline_starts_from_the_same_warmup(shards, rl_run, tmp_path):
     _, rl = rl_run
     cap = run_distributed(_run, 1, _overrides(shards, str(tmp_path / "cap"), "caption"))[0]
     assert cap["warmup"] is None
-    assert cap["start"]["attribute accuracy"] == rl["start"]["attribute accuracy"]
-    assert cap["start"]["caption loss"] == pytest.approx(rl["start"]["caption loss"], rel=1e-6)
-    assert all("loss/lm loss" in h for h in cap["history"])
+    assert cap["start"]["attribute_accuracy"] == rl["start"]["attribute_accuracy"]
+    assert cap["start"]["caption_loss"] == pytest.approx(rl["start"]["caption_loss"], rel=1e-6)
+    assert all("train/lm_loss" in h for h in cap["history"])
 
 
 @pytest.mark.slow
@@ -122,4 +127,4 @@ def test_mmrpt_runs_data_parallel_on_two_ranks(shards, tmp_path):
     a, b = run_distributed(_run, 2, ov)
     assert a["data"]["train"]["skipped"] == SKIPPED
     assert a["history"] == b["history"]
-    assert all("reward/total" in h for h in a["history"])
+    assert all("mmrpt/reward_total" in h for h in a["history"])

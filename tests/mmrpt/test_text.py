@@ -7,8 +7,10 @@ import random
 
 import pytest
 
-from megatron_step.config.mmrpt import MMRPTConfig
+from megatron_step.config.fields import build
 from megatron_step.data.scenes import generate_scene, scene_rng
+from megatron_step.data.tokenizer import StepTokenizer, train_tokenizer
+from megatron_step.mmrpt.config import MMRPTConfig
 from megatron_step.mmrpt.dependency import roc_auc, select_masked
 from megatron_step.mmrpt.text import (
     CaptionCodec,
@@ -22,7 +24,6 @@ from megatron_step.mmrpt.text import (
 
 @pytest.fixture(scope="module")
 def codec(tmp_path_factory):
-    from megatron_step.data.tokenizer import StepTokenizer, train_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     captions = [generate_scene(scene_rng(0, i))[1] for i in range(300)]
@@ -136,5 +137,5 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="mmrpt.objective='sft'"):
         MMRPTConfig(objective="sft")
     with pytest.raises(ValueError, match="vision.image_size=30"):
-        MMRPTConfig(vision={"image_size": 30})
-    assert MMRPTConfig(loss="mispo").loss.kind == "mispo"
+        build(MMRPTConfig, {"vision": {"image_size": 30}}, "mmrpt")
+    assert build(MMRPTConfig, {"loss": "mispo"}, "mmrpt").loss.kind == "mispo"

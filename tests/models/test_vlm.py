@@ -9,9 +9,12 @@ from functools import partial
 import pytest
 import torch
 
+from megatron_step import platform
 from megatron_step.models.step_flash import tiny
 from megatron_step.models.vlm import VisionConfig, build_step_vlm
 from megatron_step.platform import ParallelConfig
+from megatron_step.rl.engine import Engine, SamplingParams
+from megatron_step.rl.policy import pack, token_logp
 from megatron_step.testing import run_distributed
 from megatron_step.testing.parity import GLOBAL_BATCH, SEED, compare_layout, make_reference
 
@@ -33,7 +36,6 @@ DATA = _data()
 
 
 def _placement(rank, world_size):
-    from megatron_step import platform
 
     platform.setup(ParallelConfig(), seed=SEED)
     model = BUILD(ParallelConfig()).eval()
@@ -71,9 +73,6 @@ def test_patches_fill_the_image_slots_in_order():
 
 
 def _generate(rank, world_size):
-    from megatron_step import platform
-    from megatron_step.rl.engine import Engine, SamplingParams
-    from megatron_step.rl.policy import pack, token_logp
 
     platform.setup(ParallelConfig(), seed=SEED)
     model = build_step_vlm(CFG.replace(routing_replay=True), VISION, ParallelConfig(), IMAGE_ID).eval()

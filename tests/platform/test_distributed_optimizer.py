@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_step.demo import train
+from benchmarks.demo import train
 from megatron_step.testing import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_step import platform
 from megatron_step.platform import ParallelConfig, capabilities, cpu_patches
+from megatron_step.testing import run_distributed
 
 
 def test_parallel_config_derives_dp_and_names_bad_values():
@@ -71,7 +73,6 @@ def test_patches_apply_and_undo_cleanly():
 
 
 def _setup_body(rank, world_size):
-    from megatron_step import platform
 
     env = platform.setup(ParallelConfig(), seed=0)
     return env.cpu_patched, cpu_patches.applied(), torch.cuda.Stream.__module__
@@ -79,7 +80,6 @@ def _setup_body(rank, world_size):
 
 @pytest.mark.gpu
 def test_gpu_run_is_never_patched():
-    from megatron_step.testing import run_distributed
 
     patched, applied, stream_module = run_distributed(_setup_body, 1)[0]
     assert not patched and not applied and stream_module.startswith("torch.cuda")
@@ -87,7 +87,6 @@ def test_gpu_run_is_never_patched():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_cpu_setup_applies_patches():
-    from megatron_step.testing import run_distributed
 
     patched, applied, stream_module = run_distributed(_setup_body, 1)[0]
     assert patched and applied and stream_module == cpu_patches.__name__

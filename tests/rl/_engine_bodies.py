@@ -9,6 +9,8 @@ import torch
 from megatron_step import platform
 from megatron_step.models.step_flash import build_step_flash, tiny
 from megatron_step.platform import ParallelConfig
+from megatron_step.rl.engine import Engine, KVCache, SamplingParams
+from megatron_step.rl.policy import pack, set_replay, token_logp
 
 PROMPT_LENS = (5, 12, 9)  # different lengths: the shortest is prefilled, the rest teacher-forced
 
@@ -27,7 +29,6 @@ def _prompts(cfg, seed=0):
 def greedy_cache_vs_reforward(rank, world_size, new_tokens=24):
     """Greedy generation with the KV cache, and the same by full re-forward (no cache) with the
     logits compared at every step."""
-    from megatron_step.rl.engine import Engine, SamplingParams
 
     cfg, model = _model()
     prompts = _prompts(cfg)
@@ -60,7 +61,6 @@ def greedy_cache_vs_reforward(rank, world_size, new_tokens=24):
 
 def _routing_maps(model, batch, replay: bool):
     """The (S*B, E) routing maps every MoE router of `model` produced in one training forward."""
-    from megatron_step.rl.policy import set_replay
 
     maps, hooks = [], []
     for m in model.modules():
@@ -80,7 +80,6 @@ def _routing_maps(model, batch, replay: bool):
 def replay_logp(model, gens):
     """Pack generations as the trainer does and run a training-mode forward with their recorded
     routing replayed: (items, packed batch, per-token log-probs aligned with batch["mask"])."""
-    from megatron_step.rl.policy import pack, token_logp
 
     items = [
         {
@@ -102,7 +101,6 @@ def logprobs_vs_training_forward(rank, world_size):
     """Sample (temperature 1) with routing recorded, then training-mode forwards: with the routing
     replayed the log-probs match the sampler's; after perturbing the routers (as a policy update
     would) free routing changes for some tokens while replayed routing still equals the rollout's."""
-    from megatron_step.rl.engine import Engine, SamplingParams
 
     cfg, model = _model()
     prompts = _prompts(cfg, seed=1)
@@ -143,8 +141,6 @@ def truncate_and_continue(rank, world_size):
     from-scratch forward over the kept 12 + the 6 new; the model sees only the 6 new positions."""
     from megatron.core.inference.utils import InferenceMode
 
-    from megatron_step.rl.engine import KVCache
-
     cfg, model = _model(replay=False)
     model.eval()
     g = torch.Generator().manual_seed(2)
@@ -152,7 +148,6 @@ def truncate_and_continue(rank, world_size):
     new = torch.randint(4, cfg.vocab_size, (2, 6), generator=g)
     seen = []
     hook = model.embedding.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
-    from megatron_step.rl.engine import Engine
 
     engine = Engine(model, eos_id=3)
     cache = KVCache(2, 40)

@@ -13,10 +13,9 @@ import time
 
 import pytest
 
+from megatron_step.rl.reward_pool import RewardResult, RewardRunner
 from megatron_step.rl.rewards import (
     RewardFn,
-    RewardResult,
-    RewardRunner,
     WeightedSum,
     format_reward,
     math_reward,

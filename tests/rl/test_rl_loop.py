@@ -1,6 +1,7 @@
-"""The RL loop end to end at toy size (supervised warm-up, then RL): it runs, logs what the issue
-asks for to TensorBoard, async mode never trains on rollouts staler than the cap, and a reward that
-raises or hangs marks its samples failed (counted) while the run goes on."""
+"""The RL stage end to end at toy size (supervised warm-up, then RL): it runs, logs its scalars to
+TensorBoard, async mode never trains on rollouts staler than the cap, a reward that raises or hangs
+marks its samples failed (counted) while the run goes on, and E3RL rollouts train and log their
+erasures."""
 
 from __future__ import annotations
 
@@ -9,25 +10,37 @@ import os
 
 import pytest
 
+from megatron_step import platform
+from megatron_step.config.run import RLRunConfig, load_run_config
+from megatron_step.data.pipeline import run_tokenizer
+from megatron_step.rl.reward_model import PreferenceReward, RewardModel
+from megatron_step.stages.rl import train_rl
 from megatron_step.testing import run_distributed
-from tests.rl import _loop_bodies
+from megatron_step.testing.golden import read_run
+from tools.train_reward_model import main as train_reward_model
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BASE = [
+    "model.vocab_size=512",
+    "data.tokenizer_vocab_size=512",
+    "train.steps=3",
+    "train.micro_batch_size=4",
+    "train.log_interval=1",
+    "train.eval_interval=3",
+    "rl.sft_steps=8",
+    "rl.sft_global_batch_size=4",
+    "rl.prompts_per_step=2",
+    "rl.group_size=3",
+    "rl.max_new_tokens=10",
+    "rl.eval_problems=6",
+]
 
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
-
-
-def _scalars(run_dir):
-    """The run's TensorBoard scalars (an EventAccumulator, loaded)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
-    ea.Reload()
-    return ea
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +51,27 @@ def dirs(tmp_path_factory):
 
 def test_sync_run_logs_the_rl_scalars(dirs):
     run_dir = str(dirs["root"] / "sync")
-    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"])[0]
+    out = run_distributed(run, 1, dirs["data"], run_dir, dirs["sft"])[0]
     assert [s for s, _ in out["accuracy"]] == [0, 3]
     assert out["staleness"] == [0] * 6  # sync: every group is from the current version
-    ea = _scalars(run_dir)
-    tags = set(ea.Tags()["scalars"])
+    tags = set(read_run(run_dir))
     for tag in (
-        "reward/mean",
-        "reward/std",
-        "accuracy/train",
-        "accuracy/heldout",
-        "response length",
-        "entropy",
-        "loss/mismatch_kl",
-        "loss/token_mask_rate",
-        "loss/traj_mask_rate",
+        "rl/reward_mean",
+        "rl/reward_std",
+        "rl/accuracy_train",
+        "rl/accuracy_heldout",
+        "rl/response_length",
+        "rl/entropy",
+        "policy/loss",
+        "policy/mismatch_kl",
+        "policy/token_mask_rate",
+        "policy/traj_mask_rate",
         "staleness/max",
-        "generation tokens per sec",
-        "training tokens per sec",
-        "weight sync seconds",
+        "rl/generation_tokens_per_sec",
+        "train/tokens_per_sec",
+        "train/grad_norm",
+        "train/skipped_iterations",
+        "rl/weight_sync_seconds",
     ):
         assert tag in tags, (tag, sorted(tags))
 
@@ -70,9 +85,11 @@ def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
         "rl.reward_timeout_s=1.0",
         "train.steps=4",
     )
-    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
+    out = run_distributed(run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
     assert len(out["staleness"]) == 4 * 2 and max(out["staleness"]) <= 1
     assert out["reward_failures"] > 0  # raised or timed out, counted, and the run finished
+    logged = read_run(run_dir, ["staleness/max"])["staleness/max"]
+    assert max(logged.values()) == max(out["staleness"])  # the logged max is the max, not a mean
 
 
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
@@ -80,7 +97,7 @@ def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
     if not os.path.exists(os.path.join(dirs["sft"], "checkpoints", "latest")):
         pytest.skip("needs the warm-up checkpoint of test_sync_run_logs_the_rl_scalars")
-    out = run_distributed(_loop_bodies.reward_model, 1, dirs["data"], dirs["sft"], str(tmp_path))[0]
+    out = run_distributed(reward_model, 1, dirs["data"], dirs["sft"], str(tmp_path))[0]
     losses = out["losses"]
     assert len(losses) == 12 and sum(losses[-4:]) / 4 < losses[0]
     same, padded = out["scores"]
@@ -97,21 +114,51 @@ def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
         "rl.e3rl.advantage_rule=attention",
         "rl.e3rl.threshold_std=0.0",  # erase whatever is above its group's mean: erasures happen
     )
-    out = run_distributed(_loop_bodies.run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
+    out = run_distributed(run, 1, dirs["data"], run_dir, dirs["sft"], extra)[0]
     assert [s for s, _ in out["tokens_sampled"]] == [0, 3] and out["tokens_sampled"][-1][1] > 0
-    ea = _scalars(run_dir)
-    tags = set(ea.Tags()["scalars"])
+    curves = read_run(run_dir)
     for tag in (
-        "e3rl/erasures per rollout",
-        "e3rl/tokens regenerated",
-        "e3rl/prefix tokens not recomputed",
-        "e3rl/accuracy with erasure",
-        "e3rl/accuracy without erasure",
-        "tokens sampled",
+        "e3rl/erasures_per_rollout",
+        "e3rl/tokens_regenerated",
+        "e3rl/prefix_tokens_reused",
+        "e3rl/accuracy_with_erasure",
+        "e3rl/accuracy_without_erasure",
+        "rl/tokens_sampled",
     ):
-        assert tag in tags, (tag, sorted(tags))
-    erasures = [e.value for e in ea.Scalars("e3rl/erasures per rollout")]
-    assert sum(erasures) > 0
+        assert tag in curves, (tag, sorted(curves))
+    assert sum(curves["e3rl/erasures_per_rollout"].values()) > 0
     with open(os.path.join(run_dir, "erasures.rank0.jsonl")) as f:  # erased text is logged, not trained
         logged = [json.loads(line) for line in f]
     assert logged and {"erased", "u", "theta", "kept_correct"} <= set(logged[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# process bodies (module-level so they pickle into spawned ranks)
+# ---------------------------------------------------------------------------------------------------
+def run(rank, world_size, data_dir, run_dir, init_from, extra=()):
+    overrides = [*BASE, f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", f"rl.init_from={init_from}"]
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", [*overrides, *extra], RLRunConfig)
+    try:
+        return train_rl(cfg)
+    finally:
+        platform.teardown()
+
+
+def reward_model(rank, world_size, data_dir, init_from, out_dir):
+    """tools/train_reward_model.py end to end (few steps), then the saved RM as a preference reward."""
+    pairs, path = os.path.join(out_dir, "pairs.jsonl"), os.path.join(out_dir, "rm.pt")
+    res = train_reward_model(
+        [
+            "--config", "examples/rl/rl_tiny.yaml", "--pairs", pairs, "--out", path, "--steps", "12",
+            "--n-pairs", "80", "--batch", "8",
+            *BASE, f"data.data_dir={data_dir}", f"rl.init_from={init_from}",
+        ]
+    )  # fmt: skip
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", [*BASE, f"data.data_dir={data_dir}"], RLRunConfig)
+    platform.setup(cfg.parallel, seed=1)
+    pref = PreferenceReward(RewardModel.load(path), run_tokenizer(cfg.data), length_penalty=0.1)
+    ref = "2 + 3 = 5. <answer>5</answer>"
+    padded = "2 + 3 = 5. 5 = 5. 5 = 5. 5 = 5. <answer>5</answer>"
+    scores = pref.score_batch([("Q: What is 2 + 3?\nA:", ref, ref), ("Q: What is 2 + 3?\nA:", padded, ref)])
+    platform.teardown()
+    return {"losses": res["losses"], "scores": scores, "n_ref": len(pref.tokenizer.encode(ref))}

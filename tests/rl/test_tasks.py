@@ -6,10 +6,14 @@ import re
 
 import pytest
 
+from megatron_step.rl.config import RLConfig
+from megatron_step.rl.rewards import extract_answer
 from megatron_step.rl.tasks import (
+    ArithmeticTask,
     Problem,
+    Task,
     arithmetic_problems,
-    extract_answer,
+    make_task,
     prompt_text,
     solution_text,
     split_of,
@@ -140,3 +144,33 @@ def test_empty_split_is_an_error_not_a_hang():
     assert not any(split_of(k) == "heldout" for k in keys)
     with pytest.raises(ValueError, match="too few distinct expressions"):
         arithmetic_problems(1, seed=0, split="heldout", max_steps=1, max_operand=1)
+
+
+def test_arithmetic_task_is_the_default_and_a_task():
+
+    task = make_task(RLConfig(task_max_operand=7))
+    assert isinstance(task, ArithmeticTask) and isinstance(task, Task) and task.max_operand == 7
+    train, held = task.train(50, seed=3), task.heldout(20, seed=3)
+    assert train == arithmetic_problems(50, 3, min_steps=1, max_steps=2, max_operand=7)
+    assert not {p.key for p in train} & {p.key for p in held}
+    p = train[0]
+    assert task.prompt(p) == prompt_text(p) and task.reference(p) == p.answer
+    assert task.correct(p, " " + task.solution(p)) and not task.correct(p, "<answer>x</answer>")
+
+
+def make_tiny_task(rl):
+    """A user task for `rl.task=tests.rl.test_tasks:make_tiny_task` (the hook's contract test)."""
+    return ArithmeticTask(max_steps=1, max_operand=2)
+
+
+def not_a_task(rl):
+    return object()
+
+
+def test_task_hook_resolves_and_checks_the_protocol():
+
+    assert make_task(RLConfig(task="tests.rl.test_tasks:make_tiny_task")).max_operand == 2
+    with pytest.raises(ValueError, match="not a Task"):
+        make_task(RLConfig(task="tests.rl.test_tasks:not_a_task"))
+    with pytest.raises(ValueError, match=r"rl.task='nope': expected 'package.module:callable'"):
+        make_task(RLConfig(task="nope"))

@@ -12,9 +12,14 @@ import time
 import pytest
 import torch
 
+from megatron_step import platform
 from megatron_step.config.run import load_run_config
+from megatron_step.stages.pretrain import dry_run, pretrain
 from megatron_step.testing import run_distributed
-from tests.training import _bodies
+from megatron_step.testing.golden import read_run
+from megatron_step.training import checkpoint
+from megatron_step.training.dry_run import format_report
+from megatron_step.training.setup import build_model_and_optimizer
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,49 +36,52 @@ def _in_repo(monkeypatch):
 
 
 def test_run_logs_every_scalar_to_tensorboard(data_dir, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_dir = str(tmp_path / "run")
-    out = run_distributed(_bodies.train, 1, data_dir, run_dir, ("train.steps=6", "train.eval_interval=3"))[0]
+    out = run_distributed(train, 1, data_dir, run_dir, ("train.steps=6", "train.eval_interval=3"))[0]
     assert len(out["losses"]) == 6 and out["val_loss"] is not None
-    ea = EventAccumulator(os.path.join(run_dir, "tensorboard"))
-    ea.Reload()
-    tags = set(ea.Tags()["scalars"])
+    curves = read_run(run_dir)
     for tag in (
-        "lm loss",
-        "mtp_1 loss",
-        "mtp_2 loss",
-        "mtp_3 loss",
-        "lr",
-        "grad norm",
-        "tokens per sec",
-        "TFLOPs per device",
-        "MFU",
+        "train/lm_loss",
+        "train/mtp_1_loss",
+        "train/mtp_2_loss",
+        "train/mtp_3_loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "train/tflops_per_device",
+        "train/mfu",
+        "train/skipped_iterations",
         "moe/dropped_tokens",
-        "val loss",
+        "val/lm_loss",
     ):
-        assert tag in tags, (tag, sorted(tags))
+        assert tag in curves, (tag, sorted(curves))
     moe_layers = range(2, 8)  # tiny: layers 2..7 are MoE (Megatron numbers layers from 1)
     for layer in moe_layers:
         assert (
-            f"expert_load/max/layer_{layer + 1:02d}" in tags
-            and f"expert_load/min/layer_{layer + 1:02d}" in tags
+            f"moe/load_max/layer_{layer + 1:02d}" in curves
+            and f"moe/load_min/layer_{layer + 1:02d}" in curves
         )
-    losses = [e.value for e in ea.Scalars("lm loss")]
+    losses = [curves["train/lm_loss"][s] for s in sorted(curves["train/lm_loss"])]
     assert losses == pytest.approx(out["losses"])
-    assert [e.step for e in ea.Scalars("val loss")] == [3, 6]
-    assert "run_info" in ea.Tags()["tensors"] or os.path.exists(os.path.join(run_dir, "run_info.json"))
+    assert sorted(curves["val/lm_loss"]) == [3, 6]
+    assert os.path.exists(os.path.join(run_dir, "run_info.json"))
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):
-    full = run_distributed(_bodies.train, 1, data_dir, str(tmp_path / "a"), ("train.steps=6",))[0]
+    full = run_distributed(train, 1, data_dir, str(tmp_path / "a"), ("train.steps=6",))[0]
     b = str(tmp_path / "b")
-    first = run_distributed(_bodies.train, 1, data_dir, b, ("train.steps=6", "train.exit_after=3"))[0]
-    second = run_distributed(_bodies.train, 1, data_dir, b, ("train.steps=6", "train.resume=true"))[0]
+    first = run_distributed(train, 1, data_dir, b, ("train.steps=6", "train.exit_after=3"))[0]
+    second = run_distributed(train, 1, data_dir, b, ("train.steps=6", "train.resume=true"))[0]
     assert len(first["losses"]) == 3 and second["start"] == 3
     assert first["losses"] + second["losses"] == full["losses"]
-    for name, p in full["params"].items():
-        assert torch.equal(p, second["params"][name]), name
+    # the weights of the uninterrupted run and of the resumed one, read back from their final checkpoints
+    a, b = (
+        run_distributed(final_weights, 1, data_dir, d, ("train.steps=6",))[0]
+        for d in (str(tmp_path / "a"), b)
+    )
+    assert a.keys() == b.keys() and len(a) > 10
+    for name, p in a.items():
+        assert torch.equal(p, b[name]), name
 
 
 def test_macro_layer_wise_resume_on_two_ranks(data_dir, tmp_path):
@@ -81,20 +89,19 @@ def test_macro_layer_wise_resume_on_two_ranks(data_dir, tmp_path):
     momentum goes through dist-checkpointing; the radius is re-read from W (fp32 rounding)."""
     opt = ("train.steps=4", "optim.optimizer=macro", "optim.lr=0.01")
     pick = lambda runs: next(r for r in runs if r["losses"])  # noqa: E731
-    full = pick(run_distributed(_bodies.train, 2, data_dir, str(tmp_path / "a"), opt))
+    full = pick(run_distributed(train, 2, data_dir, str(tmp_path / "a"), opt))
     b = str(tmp_path / "b")
-    first = pick(run_distributed(_bodies.train, 2, data_dir, b, (*opt, "train.exit_after=2")))
-    second = pick(run_distributed(_bodies.train, 2, data_dir, b, (*opt, "train.resume=true")))
+    first = pick(run_distributed(train, 2, data_dir, b, (*opt, "train.exit_after=2")))
+    second = pick(run_distributed(train, 2, data_dir, b, (*opt, "train.resume=true")))
     assert second["start"] == 2
     assert first["losses"] + second["losses"] == pytest.approx(full["losses"], rel=1e-6)
 
 
 def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
-    from megatron_step.training.checkpoint import latest_step
-
+    latest_step = checkpoint.latest_step
     run_dir = str(tmp_path / "run")
     # first run: a complete checkpoint at step 2
-    run_distributed(_bodies.train, 1, data_dir, run_dir, ("train.steps=2",))
+    run_distributed(train, 1, data_dir, run_dir, ("train.steps=2",))
     assert latest_step(run_dir) == 2
     # second run resumes, saves at step 4 and pauses mid-save (shards written, not committed): kill it
     env = dict(os.environ, MEGATRON_STEP_SAVE_PAUSE_S="120", PYTHONUNBUFFERED="1")
@@ -104,7 +111,7 @@ def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
         "--config",
         "examples/tiny/tiny.yaml",
         "--resume",
-        *_bodies.BASE,
+        *BASE,
         f"data.data_dir={data_dir}",
         f"train.run_dir={run_dir}",
         "train.steps=4",
@@ -124,20 +131,18 @@ def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
     proc.wait()
     assert os.path.isdir(tmp_dir), "expected an uncommitted checkpoint"
     assert latest_step(run_dir) == 2
-    out = run_distributed(_bodies.load_latest, 1, data_dir, run_dir, ("train.steps=4",))[0]
+    out = run_distributed(load_latest, 1, data_dir, run_dir, ("train.steps=4",))[0]
     assert out == {"step": 2, "finite": True}
 
 
 def test_two_process_dp_matches_one_process(data_dir, tmp_path):
-    one = run_distributed(_bodies.train, 1, data_dir, str(tmp_path / "one"), ("train.steps=4",))[0]
-    two = run_distributed(_bodies.train, 2, data_dir, str(tmp_path / "two"), ("train.steps=4",))
+    one = run_distributed(train, 1, data_dir, str(tmp_path / "one"), ("train.steps=4",))[0]
+    two = run_distributed(train, 2, data_dir, str(tmp_path / "two"), ("train.steps=4",))
     curve = next(r["losses"] for r in two if r["losses"])
     assert curve == pytest.approx(one["losses"], rel=1e-5)
 
 
 def test_dry_run_of_the_report_layout_on_4096_gpus():
-    from megatron_step.training.dry_run import dry_run
-
     cfg = load_run_config("examples/step35_flash/step35_flash.yaml")
     report = run_distributed(_dry, 1, cfg, 4096)[0]
     assert "pp=8 vpp=2" in report and "ep=8" in report and "dp=512" in report
@@ -151,7 +156,56 @@ def test_dry_run_of_the_report_layout_on_4096_gpus():
         dry_run(bad, 4096)
 
 
-def _dry(rank, world_size, cfg, world):
-    from megatron_step.training.dry_run import dry_run, format_report
+# ---------------------------------------------------------------------------------------------------
+# process bodies (module-level so they pickle into spawned ranks)
+# ---------------------------------------------------------------------------------------------------
+# A small, quick run of the tiny preset on the embedded corpus.
+BASE = [
+    "model.vocab_size=512",
+    "data.tokenizer_vocab_size=512",
+    "data.seq_length=64",
+    "model.seq_length=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.log_interval=2",
+    "train.eval_interval=0",
+    "train.eval_steps=2",
+    "train.save_interval=0",
+    "optim.warmup_steps=2",
+]
 
+
+def config(data_dir: str, run_dir: str, *extra: str):
+    return load_run_config(
+        "examples/tiny/tiny.yaml", [*BASE, f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", *extra]
+    )
+
+
+def train(rank, world_size, data_dir, run_dir, extra=()):
+    out = pretrain(config(data_dir, run_dir, *extra))
+    return {"losses": out["losses"], "val_loss": out["val_loss"], "start": out["start"]}
+
+
+def _built(data_dir, run_dir, extra):
+    cfg = config(data_dir, run_dir, *extra)
+    platform.setup(cfg.parallel, seed=cfg.train.seed)
+    return build_model_and_optimizer(cfg.model_config(), cfg.parallel, cfg.optim, cfg.train.steps)
+
+
+def load_latest(rank, world_size, data_dir, run_dir, extra=()):
+    """Build model + optimizer as a run would and load the latest checkpoint; returns its step."""
+    chunks, opt, sched = _built(data_dir, run_dir, extra)
+    info = checkpoint.load_checkpoint(run_dir, chunks, opt, sched)
+    total = sum(float(p.detach().double().sum()) for c in chunks for p in c.module.parameters())
+    return {"step": info["step"], "finite": bool(torch.isfinite(torch.tensor(total)))}
+
+
+def final_weights(rank, world_size, data_dir, run_dir, extra=()):
+    """The model weights of the run's latest checkpoint, by name (1 process)."""
+    chunks, _, _ = _built(data_dir, run_dir, extra)
+    checkpoint.load_model_weights(run_dir, chunks)
+    return {n: p.detach().clone() for c in chunks for n, p in c.module.named_parameters()}
+
+
+def _dry(rank, world_size, cfg, world):
     return format_report(dry_run(cfg, world))

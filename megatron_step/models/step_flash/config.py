@@ -1,7 +1,7 @@
 """Step 3.5 Flash model config: one typed record, presets as functions.
 
 Facts of the full preset come from the published HF config (`model_type: step3p5`) and the report
-(see ../shared/DESIGN.md section 4). Conventions used here:
+(docs/design.md §4). Conventions used here:
 
 - Layers are 0-indexed. Layer i is full attention when `i % full_attention_period == 0`
   (0, 4, ..., 44), sliding-window otherwise; MTP layers are sliding.

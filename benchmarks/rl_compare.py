@@ -1,0 +1,180 @@
+"""RL runs side by side from one warm-up checkpoint: held-out accuracy curves (vs step and vs sampled
+tokens), a Markdown table and a PNG. Two suites:
+
+    python -m benchmarks.rl_compare --suite demo     # issue 7: sync (3 seeds) + async cap 1
+    python -m benchmarks.rl_compare --suite e3rl     # E3RL vs plain GRPO, equal token budget
+
+demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
+seeds and async with staleness cap 1, every run `--steps` RL steps.
+e3rl: the long task (2-3 steps, operands <= 5, 40 new tokens = 5 segments of 8), plain GRPO rollouts
+vs E3RL rollouts for each seed, both stopped at the same number of sampled tokens
+(`rl.max_tokens_sampled`; erased tokens count), same checkpoint, same loss (GRPO clip).
+
+The warm-up runs once per suite (alone), then runs go two at a time, one thread each (so both arms of
+a pair see the same contention). A run's train.seed sets its prompts, sampling and held-out set (the
+held-out set is drawn from the seed), so compare arms within a seed. Results already in <out> are
+reused; delete <out>/<name>.json to rerun one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from benchmarks.jobs import run_jobs
+from megatron_step import platform
+from megatron_step.config.run import RLRunConfig, load_run_config
+from megatron_step.stages.rl import train_rl
+from megatron_step.training import checkpoint
+
+DEMO_TASK: list[str] = []
+LONG_TASK = [
+    "rl.task_min_steps=2",
+    "rl.task_max_steps=3",
+    "rl.task_max_operand=5",
+    "rl.max_new_tokens=40",
+    "rl.e3rl.segment_len=8",
+    "rl.e3rl.num_segments=5",
+]
+
+
+def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
+    """(common overrides, run name -> its own overrides)."""
+    seeds = [1234, 1235, 1236][: args.seeds]
+    if name == "demo":
+        common = [*DEMO_TASK, f"train.steps={args.steps}", "train.eval_interval=10"]
+        runs = {f"sync-seed{s}": [f"train.seed={s}"] for s in seeds}
+        runs["async-cap1-seed1234"] = ["train.seed=1234", "rl.async_mode=true", "rl.max_staleness=1"]
+        return common, runs
+    if name == "e3rl":
+        common = [
+            *LONG_TASK,
+            "rl.loss=grpo",
+            f"train.steps={args.steps}",
+            f"rl.max_tokens_sampled={args.budget}",
+            "train.eval_interval=10",
+        ]
+        runs = {}
+        for s in seeds:
+            runs[f"grpo-seed{s}"] = [f"train.seed={s}"]
+            runs[f"e3rl-seed{s}"] = [f"train.seed={s}", "rl.rollout=e3rl"]
+        return common, runs
+    raise ValueError(f"--suite {name!r}: one of demo, e3rl")
+
+
+def run_one(overrides: list[str], result_path: str) -> None:
+    """One RL run in this process (1 thread); writes its curves as JSON."""
+    torch.set_num_threads(1)
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", overrides, RLRunConfig)
+    t0 = time.time()
+    try:
+        out = train_rl(cfg)
+    finally:
+        platform.teardown()
+    res = {
+        "overrides": overrides,
+        "accuracy": out["accuracy"],
+        "accuracy_sampled": out["accuracy_sampled"],
+        "tokens_sampled": out["tokens_sampled"],
+        "reward": out["reward"],
+        "max_staleness": max(out["staleness"], default=0),
+        "seconds": time.time() - t0,
+    }
+    with open(result_path, "w") as f:
+        json.dump(res, f)
+
+
+def _run_all(jobs: dict[str, list[str]], out: str, parallel: int) -> dict[str, dict]:
+    def summary(r):
+        return f"{r['accuracy'][0][1]:.3f} -> {r['accuracy'][-1][1]:.3f}"
+
+    return run_jobs(jobs, out, parallel, "benchmarks.rl_compare", summary=summary)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| run | held-out greedy: start | end | best | sampled: start | end | steps | tokens sampled "
+        "| max staleness | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        if r.get("failed"):
+            lines.append(f"| {name} | failed |" + " |" * 9)
+            continue
+        acc, smp = r["accuracy"], r.get("accuracy_sampled") or [(0, float("nan"))]
+        best = max(a for _, a in acc)
+        lines.append(
+            f"| {name} | {acc[0][1]:.3f} | {acc[-1][1]:.3f} | {best:.3f} | {smp[0][1]:.3f} | "
+            f"{smp[-1][1]:.3f} | {acc[-1][0]} | {r['tokens_sampled'][-1][1]} | {r['max_staleness']} | "
+            f"{r['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str, x: str) -> None:
+    import matplotlib  # plotting only: not imported by the runs
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (name, r) in enumerate(results.items()):
+        if r.get("failed"):
+            continue
+        color = f"C{i}"
+        xs = [s for s, _ in r["accuracy"]] if x == "step" else [t for _, t in r["tokens_sampled"]]
+        ax.plot(xs, [a for _, a in r["accuracy"]], marker="o", color=color, label=f"{name} (greedy)")
+        if r.get("accuracy_sampled"):
+            ax.plot(
+                xs, [a for _, a in r["accuracy_sampled"]], ls="--", color=color, label=f"{name} (sampled)"
+            )
+    ax.set_xlabel("RL step" if x == "step" else "tokens sampled (erased included)")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="demo", choices=("demo", "e3rl"))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--budget", type=int, default=120_000, help="e3rl suite: tokens sampled per run")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--out", default=None, help="default runs/rl_compare_<suite>")
+    ap.add_argument("--png", default=None, help="default <out>/<suite>.png")
+    ap.add_argument("--set", action="append", default=[], help="extra override for every run (repeat)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        run_one(json.loads(args.one), args.result)
+        return
+    out = args.out or f"runs/rl_compare_{args.suite}"
+    os.makedirs(out, exist_ok=True)
+    common, runs = suite(args.suite, args)
+    common = [*common, *args.set, f"rl.init_from={out}/sft", f"data.data_dir={out}/data"]
+    # the warm-up alone first (every run then loads it), as a 1-step run of the first job
+    first = next(iter(runs))
+    if checkpoint.latest_step(f"{out}/sft") is None:
+        print("supervised warm-up ...", flush=True)
+        warm = [*common, *runs[first], "train.steps=1", f"train.run_dir={out}/warmup"]
+        _run_all({"warmup": warm}, out, 1)
+    jobs = {n: [*common, *ov, f"train.run_dir={out}/{n}"] for n, ov in runs.items()}
+    results = _run_all(jobs, out, args.parallel)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    png = args.png or os.path.join(out, f"{args.suite}.png")
+    plot(results, png, "tokens" if args.suite == "e3rl" else "step")
+    print(table(results))
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The `rl:` section of a run config (posttrain/train_rl.py). The model, parallel layout, optimizer
+(`optim:`) and run bookkeeping (`train:` steps, micro_batch_size, seed, run_dir, log/eval/save
+intervals) come from the shared sections; this one holds what is specific to RL.
+
+Defaults are for the embedded arithmetic task on the tiny preset, sized to finish in minutes on a
+2-core CPU. The MIS-PO bounds are the Step 3.5 report's; the others are ours (reasons inline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_step.rl.losses import PolicyLossConfig
+
+
+@dataclass
+class E3RLConfig:
+    """E3RL knobs. The paper (docs/design.md §5.3) publishes the structure (segments, smoothed mean + max +
+    rate of change, group-adaptive threshold, exponential erasure penalty, Erase@K with K=5 best,
+    16 x 512-token segments at full scale) but not the weights; those defaults are ours, reasons
+    inline. The defaults for segment_len/num_segments fit the tiny CPU arithmetic task."""
+
+    segment_len: int = 8  # S tokens per segment (paper: 512 at full scale)
+    num_segments: int = 5  # N segments: S * N must equal rl.max_new_tokens (40 by default; paper: 16)
+    max_erasures: int = 5  # K: Erase@K (paper's best K)
+    # token uncertainty: "cross_entropy" (-log p of the sampled token, the paper's signal) or
+    # "entropy" (of the whole sampling distribution)
+    signal: str = "cross_entropy"
+    smooth_window: int = 4  # sliding window of the smoothed mean (tokens); ours: half a tiny segment
+    # U_n = w_mean * mean(smoothed) + w_max * max + w_rate * max(0, mean_n - mean_{n-1}); ours: the
+    # mean carries the level, the max a single derailing token (a quarter weight: one token alone
+    # should rarely erase a segment), the rise a jump against the previous kept segment
+    w_mean: float = 1.0
+    w_max: float = 0.25
+    w_rate: float = 0.5
+    # Theta_n = (mu_g + threshold_std * sigma_g) * (1 + penalty_growth) ** erasures * history
+    # mu_g, sigma_g: U_n over the group's rollouts that reached segment n (first pass). 1 std: erase
+    # about the top sixth of segments when U is roughly normal; growth 0.5: the 5th erasure needs a
+    # U 7.6x the first one's threshold, so K is rarely reached on noise alone
+    threshold_std: float = 1.0
+    penalty_growth: float = 0.5
+    # history = (mean U of this rollout's kept segments / the group's mean of the same) ** history_power
+    # (1 at n = 0): a rollout uncertain all along gets a higher bar, so erasures go to local spikes
+    # rather than to hard prompts; ours
+    history_power: float = 0.5
+    # segment-level advantages (see `segment_advantages`): "uniform" (every kept token gets the
+    # sequence advantage: plain GRPO credit) or "attention" (scaled by the attention share each segment
+    # gets from the final segment)
+    advantage_rule: str = "uniform"
+
+    def __post_init__(self):
+        for name in ("segment_len", "num_segments", "smooth_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.e3rl.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_erasures < 0:
+            raise ValueError(f"rl.e3rl.max_erasures={self.max_erasures}: must be >= 0")
+        if self.signal not in ("cross_entropy", "entropy"):
+            raise ValueError(f"rl.e3rl.signal={self.signal!r}: one of cross_entropy, entropy")
+        if self.advantage_rule not in ("uniform", "attention"):
+            raise ValueError(f"rl.e3rl.advantage_rule={self.advantage_rule!r}: one of uniform, attention")
+        if self.penalty_growth < 0:
+            raise ValueError(f"rl.e3rl.penalty_growth={self.penalty_growth}: must be >= 0")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.segment_len * self.num_segments
+
+
+@dataclass
+class RLConfig:
+    # --- where the policy starts ---------------------------------------------------------------
+    init_from: str | None = None  # run dir holding a checkpoint (pretrain/SFT): model weights only
+    # supervised warm-up on the task's worked solutions when init_from has no checkpoint yet, so a
+    # tiny model starts RL able to produce the format (0: none)
+    sft_steps: int = 400
+    sft_lr: float = 3e-3
+    sft_global_batch_size: int = 16
+    # --- task (megatron_step.rl.tasks) ---------------------------------------------------------------
+    # "arithmetic" (the embedded generated task, shaped by task_*) or "package.module:callable" taking
+    # this RLConfig and returning a rl.tasks.Task (train / held-out problems, prompt, reference, grading)
+    task: str = "arithmetic"
+    task_min_steps: int = 1
+    task_max_steps: int = 2
+    task_max_operand: int = 5  # the tiny model learns operands <= 5 well enough for RL to climb
+    eval_problems: int = 128  # held-out split, greedy decoding
+    # + this many sampled responses per held-out problem at the rollout temperature (0: greedy only):
+    # the sampled accuracy is what RL optimises, and 4 x 128 samples halve the noise of 128 greedy
+    eval_samples: int = 4
+    # --- rollouts ----------------------------------------------------------------------------------------
+    prompts_per_step: int = 8
+    group_size: int = 8  # G rollouts per prompt (GRPO groups)
+    max_new_tokens: int = 40
+    temperature: float = 1.0  # 1.0: the sampler's pi is the trainer's pi (see rl/engine.py)
+    top_p: float = 1.0
+    top_k: int = 0
+    routing_replay: bool = True  # R3: training forwards replay the rollout's experts (MoE)
+    # --- loss: the nested rl.loss section (PolicyLossConfig: kind, clip_eps, clip_eps_high, kl_coef,
+    # tis_cap, mispo_* bounds, token_level_mean); `rl.loss=grpo` alone sets its kind ------------------
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # --- rewards (megatron_step.rl.rewards) -------------------------------------------------------------
+    # "package.module:callable" -- a RewardFn (prompt, response, reference) -> float, see
+    # megatron_step/rl/rewards.py; None: math correctness (weight 1) + format (reward_format_weight)
+    reward_fn: str | None = None
+    reward_format_weight: float = 0.1
+    reward_timeout_s: float = 10.0
+    reward_workers: int = 1
+    # preference signal (megatron_step.rl.reward_model; train it with tools/train_reward_model.py):
+    # reward = verifiable + preference_weight * (win rate vs the reference solution - length penalty)
+    reward_model: str | None = None
+    preference_weight: float = 0.5
+    length_penalty: float = 0.1
+    # --- erasable rollouts (megatron_step.rl.erasable) ---------------------------------------------
+    rollout: str = "plain"  # plain | e3rl
+    e3rl: E3RLConfig = field(default_factory=E3RLConfig)  # override as rl.e3rl.<field>=value
+    # stop once this rank has sampled this many tokens (erased ones included; 0: run train.steps):
+    # compares rollout schemes at an equal sampling budget
+    max_tokens_sampled: int = 0
+    # --- off-policy ---------------------------------------------------------------------------------------
+    async_mode: bool = False  # generate step k+1 (on a synced inference replica) while training step k
+    max_staleness: int = 1  # rollouts at most this many policy versions behind are trained on
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "group_size", "max_new_tokens", "eval_problems", "reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name}={getattr(self, name)}: must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(
+                f"rl.group_size={self.group_size}: group advantages need >= 2 rollouts per prompt"
+            )
+        if self.eval_samples < 0:
+            raise ValueError(f"rl.eval_samples={self.eval_samples}: must be >= 0 (0: greedy evaluation only)")
+        if self.max_staleness < 0:
+            raise ValueError(f"rl.max_staleness={self.max_staleness}: must be >= 0")
+        if self.rollout not in ("plain", "e3rl"):
+            raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
+        if self.rollout == "e3rl" and self.e3rl.max_new_tokens != self.max_new_tokens:
+            raise ValueError(
+                f"rl.rollout=e3rl: rl.e3rl.segment_len({self.e3rl.segment_len}) * rl.e3rl.num_segments"
+                f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
+                f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
+
+
+__all__ = ["E3RLConfig", "PolicyLossConfig", "RLConfig"]

@@ -1,0 +1,257 @@
+"""Rollout sampling for one data-parallel rank: prompts from the task, G responses each from the
+engine (plain or E3RL erasable), rewards from the isolated worker pool (plus the preference reward
+when configured), and the `Rollout` records the policy update trains on.
+
+    sampler = RolloutSampler(cfg.rl, task, tokenizer, engine, runner, seed=1234, run_dir="runs/rl")
+    batch = sampler.generate(version=0, group_base=0)     # prompts -> responses (KV cache)
+    groups, stats = sampler.score(batch)                   # rewards -> [[Rollout] * G] * per_rank
+
+The held-out evaluation (greedy and sampled accuracy) is `Evaluator`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_step.data.tokenizer import StepTokenizer
+from megatron_step.platform import compute_device
+from megatron_step.rl.buffer import Rollout
+from megatron_step.rl.config import RLConfig
+from megatron_step.rl.engine import Engine, Generation, SamplingParams
+from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
+from megatron_step.rl.erasure_credit import attention_shares, erasure_stats, segment_advantages
+from megatron_step.rl.reward_pool import RewardRunner
+from megatron_step.rl.tasks import Task
+
+__all__ = ["Evaluator", "RolloutBatch", "RolloutSampler", "group_rollouts"]
+
+log = logging.getLogger(__name__)
+
+# RL prompts are drawn from a pool of this many training problems (with replacement)
+POOL_SIZE = 20000
+
+
+def _dp() -> tuple[int, int]:
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
+def group_rollouts(rollouts: list[Rollout]) -> list[list[Rollout]]:
+    """Rollouts grouped by prompt group, in the order the groups first appear."""
+    groups: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group, []).append(r)
+    return list(groups.values())
+
+
+@dataclass
+class RolloutBatch:
+    """What `generate` produced, before rewards: one entry per response (G per problem)."""
+
+    version: int  # policy version that sampled it
+    group_base: int  # group id of the first problem
+    problems: list  # one per response (each problem repeated G times)
+    gens: list[Generation]
+    adv_scale: list[list[float]] | None  # E3RL attention credit per response token (None: uniform)
+    seconds: float  # generation wall time
+
+
+class RolloutSampler:
+    """Generation and scoring for one data-parallel rank (its `per_rank` prompts per step)."""
+
+    def __init__(
+        self,
+        rl: RLConfig,
+        task: Task,
+        tokenizer: StepTokenizer,
+        engine: Engine,
+        runner: RewardRunner,
+        seed: int,
+        run_dir: str,
+        preference=None,
+    ):
+        self.rl, self.task, self.tok, self.engine, self.runner = rl, task, tokenizer, engine, runner
+        self.run_dir, self.preference = run_dir, preference  # preference: rl.reward_model.PreferenceReward
+        self.params = SamplingParams(
+            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k
+        )
+        # RL prompts come from a different seed than the SFT targets: the policy has not seen these
+        # worked solutions (both are train-split problems; held-out stays unseen)
+        self.pool = task.train(POOL_SIZE, seed + 29)
+        dp, rank = _dp()
+        self.rank = rank
+        self.rng = random.Random(seed * 1000 + rank)
+        self.per_rank = max(1, rl.prompts_per_step // dp)
+        self.failed = 0  # reward calls that failed (raised, timed out, crashed)
+        self.tokens_sampled = 0  # every sampled token, erased ones included (the rollout budget)
+        self.e3rl = E3RLPolicy(rl.e3rl) if rl.rollout == "e3rl" else None
+
+    def encode_prompt(self, problem) -> list[int]:
+        return [self.tok.bos] + self.tok.encode(self.task.prompt(problem))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i != self.tok.eos])
+
+    # -- generation ------------------------------------------------------------------------------------
+    def generate(self, version: int, group_base: int) -> RolloutBatch:
+        """`per_rank` problems x G responses with the current engine weights."""
+        g = self.rl.group_size
+        chosen = [self.rng.choice(self.pool) for _ in range(self.per_rank)]
+        prompts = [self.encode_prompt(p) for p in chosen for _ in range(g)]
+        t0 = time.perf_counter()
+        if self.e3rl is None:
+            gens = self.engine.generate(prompts, self.params)
+        else:
+            groups = [group_base + i // g for i in range(len(prompts))]
+            gens = generate_erasable(self.engine, prompts, groups, self.params, self.e3rl)
+        seconds = time.perf_counter() - t0
+        scales = None
+        if self.e3rl is not None and self.e3rl.cfg.advantage_rule != "uniform":
+            shares = attention_shares(self.engine.model, gens)
+            scales = segment_advantages([1.0] * len(gens), gens, self.e3rl.cfg, shares)
+        problems = [p for p in chosen for _ in range(g)]
+        return RolloutBatch(version, group_base, problems, gens, scales, seconds)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def _preference(self, batch: RolloutBatch, texts: list[str], results) -> dict[str, float]:
+        """Add `rl.preference_weight` x the preference reward (in-process: a model, batched); a failure
+        marks the batch's rewards failed."""
+        task = self.task
+        try:
+            prefs = self.preference.score_batch(
+                [(task.prompt(p), t, task.solution(p)) for p, t in zip(batch.problems, texts)]
+            )
+        except Exception as e:  # noqa: BLE001 -- counted and logged, the run goes on
+            log.warning("preference reward failed: %s", e)
+            prefs = None
+        for i, res in enumerate(results):
+            if prefs is None:
+                res.failed, res.value = True, 0.0
+            elif not res.failed:
+                res.value += self.rl.preference_weight * prefs[i]
+        return {"rl/reward_preference": sum(prefs) / len(prefs)} if prefs is not None else {}
+
+    def score(self, batch: RolloutBatch) -> tuple[list[list[Rollout]], dict[str, float]]:
+        """Rewards for `batch` -> its prompt groups of Rollouts, and this rank's rollout metrics."""
+        task, g, gens = self.task, self.rl.group_size, batch.gens
+        texts = [self.decode(x.response_ids) for x in gens]
+        items = [(task.prompt(p), t, task.reference(p)) for p, t in zip(batch.problems, texts)]
+        results = self.runner.run(items)
+        stats = self._preference(batch, texts, results) if self.preference is not None else {}
+        correct = [task.correct(p, t) for p, t in zip(batch.problems, texts)]
+        rollouts = [
+            Rollout(
+                prompt_ids=gen.prompt_ids,
+                response_ids=gen.response_ids,
+                rollout_logp=gen.logprobs,
+                reward=res.value,
+                group=batch.group_base + i // g,
+                version=batch.version,
+                reward_failed=res.failed,
+                routing=gen.routing,
+                adv_scale=None if batch.adv_scale is None else batch.adv_scale[i],
+                info={"correct": correct[i], "entropy": sum(gen.entropies) / max(1, len(gen.entropies))},
+            )
+            for i, (gen, res) in enumerate(zip(gens, results))
+        ]
+        n_tok = sum(len(x.response_ids) for x in gens)
+        n_sampled = n_tok + sum(x.info.get("regenerated_tokens", 0) for x in gens)
+        self.tokens_sampled += n_sampled
+        stats.update(
+            {
+                "rl/reward_mean": sum(r.value for r in results) / len(results),
+                "rl/reward_std": torch.tensor([r.value for r in results]).std().item(),
+                "rl/reward_failed": float(sum(r.failed for r in results)),
+                "rl/accuracy_train": sum(correct) / len(correct),
+                "rl/response_length": n_tok / len(gens),
+                "rl/entropy": sum(r.info["entropy"] for r in rollouts) / len(rollouts),
+                "rl/generation_tokens_per_sec": n_sampled / batch.seconds,
+                "rl/tokens_sampled": float(n_sampled),
+            }
+        )
+        if self.e3rl is not None:
+            stats.update(erasure_stats(gens, correct))
+            self._log_erasures(batch, correct)
+        self.failed += int(stats["rl/reward_failed"])
+        return group_rollouts(rollouts), stats
+
+    def sample(self, version: int, group_base: int) -> tuple[list[list[Rollout]], dict[str, float]]:
+        """generate + score."""
+        return self.score(self.generate(version, group_base))
+
+    def _log_erasures(self, batch: RolloutBatch, correct) -> None:
+        """Every erased segment, as text, to <run_dir>/erasures.rank<R>.jsonl: what was cut out, its
+        uncertainty and threshold, and whether the final (kept) rollout was right. Not trained on."""
+        lines = []
+        g = self.rl.group_size
+        for i, (gen, ok) in enumerate(zip(batch.gens, correct)):
+            for e in gen.info.get("erased", []):
+                record = {
+                    "version": batch.version,
+                    "group": batch.group_base + i // g,
+                    "segment": e["segment"],
+                    "erased": self.decode(e["tokens"]),
+                    "u": round(e["u"], 4),
+                    "theta": round(e["theta"], 4),
+                    "kept_response": self.decode(gen.response_ids),
+                    "kept_correct": bool(ok),
+                }
+                lines.append(json.dumps(record))
+        if lines:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, f"erasures.rank{self.rank}.jsonl"), "a") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+class Evaluator:
+    """Held-out accuracy of the policy: `rl.eval_problems` problems of the task's held-out split,
+    this rank's share of them, averaged over data-parallel ranks."""
+
+    def __init__(self, rl: RLConfig, task: Task, sampler: RolloutSampler, engine: Engine, seed: int):
+        self.rl, self.task, self.sampler, self.engine = rl, task, sampler, engine  # engine: the trainer's
+        self.heldout = task.heldout(rl.eval_problems, seed)
+
+    @torch.no_grad()
+    def accuracy(self) -> tuple[float, float | None]:
+        """(greedy accuracy, sampled accuracy): sampled = `rl.eval_samples` responses per problem at
+        the rollout temperature (a fixed seed, so evaluations differ only by the weights) -- the
+        quantity RL optimises; None at 0."""
+        r, s = self.rl, self.sampler
+        dp, rank = _dp()
+        mine = self.heldout[rank::dp]
+        prompts = [s.encode_prompt(p) for p in mine]
+
+        def hits(gens, problems) -> int:
+            return sum(self.task.correct(p, s.decode(x.response_ids)) for x, p in zip(gens, problems))
+
+        greedy = self.engine.generate(
+            prompts, SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True), record_routing=False
+        )
+        counts = [hits(greedy, mine), len(mine), 0, 0]
+        if r.eval_samples:
+            k = r.eval_samples
+            params = SamplingParams(
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                seed=0,
+            )
+            sampled = self.engine.generate(
+                [p for p in prompts for _ in range(k)], params, record_routing=False
+            )
+            counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)]), k * len(mine)]
+        t = torch.tensor(counts, dtype=torch.float64)
+        if dp > 1:  # sums of counts, not a mean of ratios: ranks may hold different numbers of problems
+            t = t.to(compute_device())  # NCCL moves only CUDA tensors
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        t = t.tolist()
+        return t[0] / t[1], (t[2] / t[3] if t[3] else None)

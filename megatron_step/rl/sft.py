@@ -1,0 +1,77 @@
+"""The RL stage's supervised warm-up: the task's worked solutions as next-token data, so a policy
+that has never seen the task starts RL able to produce its format (`rl.sft_steps`; the run itself is
+text pretraining's loop, megatron_step.stages.pretrain).
+
+    train, valid = sft_datasets(task, tokenizer, cfg.rl, seed=1234, seq_length=64)
+    sft_cfg = sft_config(cfg, run_dir="runs/rl_tiny/sft")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from megatron_step.data.tokenizer import StepTokenizer
+from megatron_step.rl.config import RLConfig
+from megatron_step.rl.tasks import Task
+
+__all__ = ["SFTDataset", "sft_config", "sft_datasets"]
+
+SFT_VALID_PROBLEMS = 64  # held-out worked solutions for the warm-up's validation loss
+SFT_WARMUP_STEPS = 20  # LR warm-up of the supervised warm-up
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Worked solutions, one per sample, padded to seq_length; the loss covers the answer only."""
+
+    def __init__(self, tokenizer: StepTokenizer, task: Task, problems, seq_length: int):
+        self.items = []
+        for p in problems:
+            prompt = tokenizer.encode(task.prompt(p))
+            answer = tokenizer.encode(" " + task.solution(p)) + [tokenizer.eos]
+            ids = ([tokenizer.bos] + prompt + answer)[: seq_length + 1]
+            n = len(ids) - 1
+            tokens = torch.full((seq_length,), tokenizer.pad, dtype=torch.long)
+            labels = torch.full((seq_length,), tokenizer.pad, dtype=torch.long)
+            mask = torch.zeros(seq_length)
+            tokens[:n] = torch.tensor(ids[:-1])
+            labels[:n] = torch.tensor(ids[1:])
+            mask[len(prompt) : n] = 1.0  # labels from the first answer token on (bos shifts by one)
+            self.items.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def sft_datasets(task: Task, tokenizer: StepTokenizer, rl: RLConfig, seed: int, seq_length: int):
+    """(train, valid): one worked solution per warm-up sample; validation on held-out problems."""
+    train = task.train(rl.sft_steps * rl.sft_global_batch_size, seed + 17)
+    valid = task.heldout(SFT_VALID_PROBLEMS, seed)
+    return SFTDataset(tokenizer, task, train, seq_length), SFTDataset(tokenizer, task, valid, seq_length)
+
+
+def sft_config(cfg, run_dir: str):
+    """The warm-up's run config from the RL run's (same model, layout, data; the rl.sft_* steps,
+    batch and LR; resumable, saved at its end only)."""
+    r = cfg.rl
+    sft = copy.deepcopy(cfg)
+    sft.train = dataclasses.replace(
+        cfg.train,
+        steps=r.sft_steps,
+        global_batch_size=r.sft_global_batch_size,
+        micro_batch_size=min(cfg.train.micro_batch_size, r.sft_global_batch_size),
+        run_dir=run_dir,
+        resume=True,
+        exit_after=None,
+        eval_interval=0,
+        save_interval=0,
+    )
+    sft.optim = dataclasses.replace(
+        cfg.optim, lr=r.sft_lr, min_lr=r.sft_lr / 10, warmup_steps=SFT_WARMUP_STEPS
+    )
+    return sft

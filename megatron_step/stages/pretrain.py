@@ -1,0 +1,99 @@
+"""Text pretraining: Megatron-Core's forward-backward schedule over microbatches, its DDP and
+distributed optimizer, its LR scheduler, dist-checkpointing; TensorBoard and a progress bar.
+
+    cfg = load_run_config("examples/tiny/tiny.yaml", ["train.steps=50"])
+    result = pretrain(cfg)        # under torchrun, or as one process
+
+The pieces: megatron_step.data.pipeline (datasets), megatron_step.training.setup (model, optimizer,
+schedule), megatron_step.training.lm (the step, its metrics, validation, data order),
+megatron_step.training.checkpoint (atomic saves, resume), megatron_step.training.monitor.
+"""
+
+from __future__ import annotations
+
+from megatron_step import platform
+from megatron_step.config.run import PretrainConfig
+from megatron_step.data.pipeline import prepare_datasets
+from megatron_step.training import checkpoint
+from megatron_step.training.dry_run import memory_estimate
+from megatron_step.training.lm import LMTrainer
+from megatron_step.training.monitor import Monitor, is_logging_rank, run_banner
+from megatron_step.training.setup import build_model_and_optimizer
+
+__all__ = ["dry_run", "due", "pretrain", "text_datasets"]
+
+
+def due(interval: int | None, step: int) -> bool:
+    """Whether `step` (1-based) is a multiple of a positive `interval` (0/None: never)."""
+    return bool(interval) and step % interval == 0
+
+
+def text_datasets(cfg: PretrainConfig):
+    """(train, valid, info) for the run: steps x global batch training sequences."""
+    t = cfg.train
+    return prepare_datasets(
+        cfg.data,
+        seed=t.seed,
+        train_samples=t.steps * t.global_batch_size,
+        valid_samples=max(1, t.eval_steps) * t.global_batch_size,
+        model_vocab_size=cfg.model_config().vocab_size,
+        vocab_multiple=128 * cfg.parallel.tp,
+    )
+
+
+def _log(monitor: Monitor, step: int, steps: int, m: dict, log_interval: int) -> None:
+    monitor.scalars(step, m)
+    monitor.progress(1, {"loss": m["train/lm_loss"], "lr": m["train/lr"]})
+    if step % log_interval == 0:
+        monitor.message(
+            f"step {step}/{steps} loss {m['train/lm_loss']:.4f} lr {m['train/lr']:.3g} "
+            f"grad_norm {m['train/grad_norm']:.3f} tok/s {m['train/tokens_per_sec']:.0f} "
+            f"MFU {m['train/mfu']:.2%}"
+        )
+    if "val/lm_loss" in m:
+        monitor.message(f"step {step}: validation loss {m['val/lm_loss']:.4f}")
+
+
+def pretrain(cfg: PretrainConfig, datasets=None) -> dict:
+    """Train per `cfg`; returns {"losses": [...], "val_loss", "val_curve": [(step, loss)],
+    "optimizer_step_ms", "step_ms" (per step), "steps", "start", "run_dir"}. The weights are in the
+    run's checkpoints. `datasets` = (train, valid) replaces the data pipeline (the SFT warm-up, tests)."""
+    t = cfg.train
+    env = platform.setup(cfg.parallel, seed=t.seed)
+    cfg.validate(env.world_size)
+    model = cfg.model_config()
+    train_ds, valid_ds, data_info = (*(datasets or text_datasets(cfg)), {})[:3]
+    chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
+    start = 0
+    if t.resume and checkpoint.latest_step(t.run_dir) is not None:
+        start = checkpoint.load_checkpoint(t.run_dir, chunks, optimizer, scheduler)["step"]
+    monitor = Monitor(t.run_dir, t.steps, start, enabled=is_logging_rank())
+    info = dict(resumed_from_step=start, data=data_info, model=model.__dict__)
+    monitor.banner(run_banner(env, cfg.to_dict(), **info))
+    lm = LMTrainer(chunks, optimizer, scheduler, model, t, cfg.data.seq_length, env.world_size)
+    out = {"losses": [], "val_loss": None, "val_curve": [], "optimizer_step_ms": [], "step_ms": []}
+    for step in range(start, t.steps):
+        m = lm.step(train_ds, step)
+        last, exiting = step + 1 == t.steps, t.exit_after is not None and step + 1 >= t.exit_after
+        if due(t.eval_interval, step + 1) or last:
+            m["val/lm_loss"] = out["val_loss"] = lm.evaluate(valid_ds)
+            out["val_curve"].append((step + 1, m["val/lm_loss"]))
+        _log(monitor, step + 1, t.steps, m, t.log_interval)
+        out["losses"].append(m["train/lm_loss"])
+        out["optimizer_step_ms"].append(m["train/optimizer_step_ms"])
+        out["step_ms"].append(m["train/step_ms"])
+        if due(t.save_interval, step + 1) or last or exiting:
+            extra = {"consumed_samples": (step + 1) * t.global_batch_size}
+            checkpoint.save_checkpoint(t.run_dir, step + 1, chunks, optimizer, scheduler, extra)
+        if exiting:
+            monitor.message(f"exit_after={t.exit_after}: stopping at step {step + 1} (checkpoint saved)")
+            break
+    monitor.close()
+    return {**out, "steps": t.steps, "start": start, "run_dir": t.run_dir}
+
+
+def dry_run(cfg: PretrainConfig, world_size: int) -> dict:
+    """`--dry-run`: validate the run's layout and batch split against `world_size` ranks (raises with
+    the numbers) and estimate per-GPU memory, without GPUs (megatron_step.training.dry_run)."""
+    cfg.validate(world_size)
+    return memory_estimate(cfg.model_config(), cfg.parallel, cfg.train, cfg.data.seq_length, world_size)

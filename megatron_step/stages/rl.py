@@ -1,0 +1,231 @@
+"""Off-policy RL with colocated inference, on `torchrun` (no Ray):
+
+    prompts -> G rollouts each (the trainer's own model, KV cache) -> rewards (isolated workers) ->
+    group advantages -> policy update (Megatron-Core forward-backward + distributed optimizer,
+    routing replayed) -> policy version + 1 -> next step
+
+    cfg = load_run_config("examples/rl/rl_tiny.yaml", cls=RLRunConfig)
+    out = train_rl(cfg)          # {"accuracy": [(step, held-out accuracy)], ...}
+
+Two loop shapes. Sync (`_run_sync`): generate with the training model itself (same parameters,
+nothing copied), score, update. Async (`rl.async_mode`, `_run_async`): an inference replica samples
+in a background thread (megatron_step.rl.async_gen) while the trainer updates; after every update
+the trainer copies its weights into the replica (the weight sync, timed) and the rollout buffer
+drops groups more than `rl.max_staleness` versions old.
+
+Data parallelism: each DP rank generates, scores and trains on its own share of the prompts; the
+gradient all-reduce is Megatron-Core's. Metrics are averaged over DP ranks (staleness/max is the
+maximum). PP must be 1 (the engine runs the whole model on each rank).
+
+The pieces: megatron_step.rl.tasks (prompts), rl.rollouts (sampling, scoring, held-out accuracy),
+rl.reward_pool (isolated rewards), rl.policy (the update), rl.sft (the warm-up's data; its run is
+megatron_step.stages.pretrain), rl.buffer (versions, staleness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from megatron_step import platform
+from megatron_step.config.run import RLRunConfig
+from megatron_step.data.pipeline import run_tokenizer
+from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
+from megatron_step.rl.async_gen import AsyncGenerator
+from megatron_step.rl.buffer import RolloutBuffer
+from megatron_step.rl.engine import Engine
+from megatron_step.rl.policy import PolicyUpdate
+from megatron_step.rl.reward_model import PreferenceReward, RewardModel
+from megatron_step.rl.reward_pool import RewardRunner
+from megatron_step.rl.rewards import default_reward, resolve_reward_fn
+from megatron_step.rl.rollouts import Evaluator, RolloutSampler
+from megatron_step.rl.sft import sft_config, sft_datasets
+from megatron_step.rl.tasks import make_task
+from megatron_step.stages.pretrain import due, pretrain
+from megatron_step.training import checkpoint
+from megatron_step.training.monitor import Monitor, is_logging_rank, run_banner
+from megatron_step.training.setup import build_model_and_optimizer
+from megatron_step.training.step import dp_mean
+
+__all__ = ["rl_model_config", "train_rl", "warm_start"]
+
+
+def rl_model_config(cfg: RLRunConfig) -> StepFlashConfig:
+    """The RL run's model: routing replay as configured; MTP modules kept (weights load) but given
+    no loss (RL trains next-token log-probs only)."""
+    m = cfg.model_config()
+    return m.replace(
+        routing_replay=cfg.rl.routing_replay and bool(m.num_experts),
+        mtp_loss_weights=[0.0] * m.mtp_num_layers,
+    )
+
+
+def warm_start(cfg: RLRunConfig, task, tokenizer) -> str:
+    """The run directory the policy starts from: `rl.init_from`, after a supervised warm-up on the
+    task's worked solutions when it holds no checkpoint (`rl.sft_steps`; default <run_dir>/sft)."""
+    r = cfg.rl
+    if r.init_from is not None and checkpoint.latest_step(r.init_from) is not None:
+        return r.init_from
+    if r.sft_steps <= 0:
+        raise FileNotFoundError(f"rl.init_from={r.init_from!r} has no checkpoint and rl.sft_steps=0")
+    init_from = r.init_from or f"{cfg.train.run_dir}/sft"
+    data = sft_datasets(task, tokenizer, r, cfg.train.seed, cfg.data.seq_length)
+    pretrain(sft_config(cfg, init_from), datasets=data)
+    return init_from
+
+
+_RECORDS = ("accuracy", "accuracy_sampled", "reward", "staleness", "tokens_sampled")  # train_rl's curves
+
+
+@dataclass
+class _Run:
+    """What both loop shapes share: the stage's components, its per-step bookkeeping and records."""
+
+    cfg: RLRunConfig
+    chunks: list
+    optimizer: object
+    scheduler: object
+    sampler: RolloutSampler
+    evaluator: Evaluator
+    update: PolicyUpdate
+    monitor: Monitor
+    version: int = 0
+    out: dict = field(default_factory=lambda: {k: [] for k in _RECORDS})
+
+    def evaluate(self, step: int, metrics: dict) -> None:
+        acc, acc_s = self.evaluator.accuracy()
+        self.out["accuracy"].append((step, acc))
+        self.out["tokens_sampled"].append((step, self.sampler.tokens_sampled))
+        metrics["rl/accuracy_heldout"] = acc
+        msg = f"step {step}: held-out accuracy {acc:.3f} (greedy)"
+        if acc_s is not None:
+            self.out["accuracy_sampled"].append((step, acc_s))
+            metrics["rl/accuracy_heldout_sampled"] = acc_s
+            msg += f", {acc_s:.3f} (sampled x{self.cfg.rl.eval_samples}, T={self.cfg.rl.temperature})"
+        self.monitor.message(msg)
+
+    def end_step(self, step: int, metrics: dict, stale: list[int], t0: float, **extra: float) -> bool:
+        """Average, evaluate, log and save step `step` (0-based); True when the run stops here."""
+        t, r = self.cfg.train, self.cfg.rl
+        self.out["staleness"] += stale
+        metrics.update(
+            {
+                "staleness/mean": sum(stale) / len(stale),
+                "staleness/max": float(max(stale)),
+                **{f"rl/{k}": v for k, v in extra.items()},
+                "rl/tokens_sampled_cumulative": float(self.sampler.tokens_sampled),
+                "rl/step_seconds": time.perf_counter() - t0,
+            }
+        )
+        metrics = dp_mean(metrics, max_keys=("staleness/max",))
+        self.out["reward"].append((step + 1, metrics.get("rl/reward_mean", float("nan"))))
+        # the DP mean (the same number on every rank), so all ranks stop at the same step
+        budget_hit = 0 < r.max_tokens_sampled <= metrics["rl/tokens_sampled_cumulative"]
+        last = step + 1 == t.steps or budget_hit
+        if t.eval_interval and ((step + 1) % t.eval_interval == 0 or last):
+            self.evaluate(step + 1, metrics)
+        self.monitor.scalars(step + 1, metrics)
+        g = metrics.get
+        self.monitor.progress(1, {"reward": g("rl/reward_mean", 0.0), "stale": metrics["staleness/max"]})
+        if (step + 1) % t.log_interval == 0:
+            self.monitor.message(
+                f"step {step + 1}/{t.steps} reward {g('rl/reward_mean', 0):.3f} "
+                f"acc(train) {g('rl/accuracy_train', 0):.3f} len {g('rl/response_length', 0):.1f} "
+                f"mismatch_kl {g('policy/mismatch_kl', 0):.2e} mask(token/traj) "
+                f"{g('policy/token_mask_rate', 0):.3f}/{g('policy/traj_mask_rate', 0):.3f}"
+            )
+        if due(t.save_interval, step + 1) or last:
+            extra_state = {"rl_version": self.version}
+            checkpoint.save_checkpoint(
+                t.run_dir, step + 1, self.chunks, self.optimizer, self.scheduler, extra_state
+            )
+        if budget_hit and step + 1 < t.steps:
+            self.monitor.message(f"step {step + 1}: rl.max_tokens_sampled={r.max_tokens_sampled} used")
+        return last
+
+
+def _run_sync(run: _Run) -> None:
+    """Generate with the trainer's own weights, score, update: every group is from the current version."""
+    for step in range(run.cfg.train.steps):
+        t0 = time.perf_counter()
+        batch = run.sampler.generate(run.version, step * run.sampler.per_rank)  # prompts -> responses
+        groups, stats = run.sampler.score(batch)  # rewards (worker pool) -> prompt groups
+        metrics = {**run.update(groups), **stats}  # one optimizer step
+        run.version += 1  # the engine holds the trainer's module: nothing to copy
+        if run.end_step(step, metrics, [0] * len(groups), t0, weight_sync_seconds=0.0, dropped_groups=0.0):
+            break
+
+
+def _run_async(run: _Run, replica) -> None:
+    """The replica samples ahead in a thread; the trainer takes what the buffer's staleness cap allows,
+    updates, and copies its weights into the replica."""
+    t, r, s = run.cfg.train, run.cfg.rl, run.sampler
+    buffer = RolloutBuffer(r.max_staleness, group_size=r.group_size)
+    gen = AsyncGenerator(s, replica, run.chunks[0].module, buffer, t.steps + r.max_staleness + 1)
+    try:
+        for step in range(t.steps):
+            t0 = time.perf_counter()
+            while not buffer.wait_for(s.per_rank, run.version, timeout=1.0):
+                if gen.error is not None:
+                    raise RuntimeError("async generation failed") from gen.error
+                if buffer.closed:
+                    raise RuntimeError("rollout buffer closed before a step's groups arrived")
+            groups = buffer.take(s.per_rank, run.version)
+            stale = RolloutBuffer.staleness(groups, run.version)
+            metrics = {**run.update(groups), **(gen.stats[-1] if gen.stats else {})}
+            run.version += 1
+            sync_s = gen.sync(run.version)
+            dropped = float(buffer.dropped_stale)
+            if run.end_step(step, metrics, stale, t0, weight_sync_seconds=sync_s, dropped_groups=dropped):
+                break
+    finally:
+        gen.close()
+
+
+def train_rl(cfg: RLRunConfig) -> dict:
+    t, r = cfg.train, cfg.rl
+    env = platform.setup(cfg.parallel, seed=t.seed)
+    if cfg.parallel.pp != 1:
+        raise ValueError(
+            f"parallel.pp={cfg.parallel.pp}: the colocated engine runs the whole model per rank (pp=1)"
+        )
+    tokenizer, task = run_tokenizer(cfg.data), make_task(r)
+    init_from = warm_start(cfg, task, tokenizer)
+    env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
+    model = rl_model_config(cfg)
+    chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
+    checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
+    engine = Engine(chunks[0].module, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+    reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)
+    runner = RewardRunner(reward, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
+    pref = (
+        PreferenceReward(RewardModel.load(r.reward_model), tokenizer, r.length_penalty)
+        if r.reward_model
+        else None
+    )
+    sampler = RolloutSampler(r, task, tokenizer, engine, runner, t.seed, t.run_dir, preference=pref)
+    evaluator = Evaluator(r, task, sampler, engine, t.seed)  # the trainer's weights, also in async mode
+    update = PolicyUpdate(chunks, optimizer, scheduler, r.loss, t.micro_batch_size, replay=r.routing_replay)
+    monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
+    monitor.banner(run_banner(env, cfg.to_dict(), init_from=init_from))
+    run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor)
+    try:
+        first: dict = {}
+        run.evaluate(0, first)
+        monitor.scalars(0, first)
+        if not r.async_mode:
+            _run_sync(run)
+        else:
+            # The replica has no MTP modules: Megatron-Core's InferenceMode flag (which makes GPTModel
+            # skip MTP while generating) is process-wide, and setting it from the generation thread
+            # would switch the trainer's concurrent forward into inference behaviour too.
+            replica = build_step_flash(
+                dataclasses.replace(model, mtp_num_layers=0, mtp_loss_weights=[]), cfg.parallel
+            )
+            sampler.engine = Engine(replica, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+            _run_async(run, replica)
+    finally:
+        runner.close()
+        monitor.close()
+    return {**run.out, "reward_failures": sampler.failed, "run_dir": t.run_dir}

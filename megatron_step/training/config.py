@@ -1,0 +1,33 @@
+"""The `train:` section: steps, batch sizes, seed, logging / evaluation / checkpoint intervals, the
+run directory and resume (every training stage reads it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_steps: int = 4
+    save_interval: int = 100
+    run_dir: str = "runs/tiny"
+    resume: bool = False  # continue from <run_dir>/checkpoints/latest when it exists
+    # Stop (after saving) once this step is reached, as a preempted job would; the schedule still
+    # spans `steps`, so a later `resume` run continues the same curve. None: run to `steps`.
+    exit_after: int | None = None
+    # MFU denominator: peak dense TFLOP/s of one device (989 for H100/H800 bf16; measure on CPU)
+    peak_tflops: float = 989.0
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+
+
+__all__ = ["TrainConfig"]
