@@ -14,15 +14,10 @@ from tests.golden import runs
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("golden"))
-
-
 @pytest.mark.parametrize("name", [r.name for r in runs.RUNS])
-def test_run_reproduces_its_golden_files(name, work):
+def test_run_reproduces_its_golden_files(name, golden_run):
     run = runs.BY_NAME[name]
-    runs.execute(run, work, log=lambda _: None)
+    work = golden_run(name)  # run once per session (tests/conftest.py); other tests read it too
     for file in run.outputs:
         path = os.path.join(runs.GOLDEN_DIR, file + ".txt")
         want = golden.read_table(path)[1]

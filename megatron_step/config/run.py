@@ -113,6 +113,17 @@ _OWNERS = {
 }
 
 
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    """The mapping a run YAML holds ({} without a file)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def _check_top_level(cls, key: str, source: str) -> None:
     if key in field_types(cls):
         return
@@ -126,14 +137,9 @@ def _check_top_level(cls, key: str, source: str) -> None:
 def load_run_config(path: str | None = None, overrides: list[str] | None = None, cls=PretrainConfig):
     """A `cls` run config from the YAML file at `path` (optional) and `section.field=value`
     overrides; ValueError names the field, the value and what is wrong."""
-    raw: dict[str, Any] = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-        for key in raw:
-            _check_top_level(cls, key, path)
+    raw = _read_yaml(path)
+    for key in raw:
+        _check_top_level(cls, key, path)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value, e.g. train.steps=20")
@@ -148,12 +154,7 @@ def load_model_config(path: str | None = None, overrides: list[str] | None = Non
     """The model of any run YAML (`model_preset` + `model:`) and `model.*` / `model_preset` overrides;
     the file's other sections (which belong to its run) are not read. For tools that need the model
     only (checkpoint conversion)."""
-    raw: dict[str, Any] = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = _read_yaml(path)
     raw = {k: v for k, v in raw.items() if k in ("model_preset", "model")}
     for item in overrides or []:
         if "=" not in item:

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from megatron_step.models.step_flash import build_step_flash, hf, hf_config
+from megatron_step.models.step_flash.config import SHAPE_FIELDS
 from megatron_step.platform import ParallelConfig
 
 SHARD_BYTES = 2 * 1024**3
@@ -164,24 +165,7 @@ def import_from_hf(
     `cfg` (optional) must agree with the directory's config.json; the first differing field is named."""
     found = hf_config.config_from_hf_dir(hf_dir)
     if cfg is not None:
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "head_dim",
-            "num_query_groups",
-            "full_attention_heads",
-            "sliding_attention_heads",
-            "full_attention_period",
-            "sliding_window",
-            "first_k_dense",
-            "dense_ffn_hidden_size",
-            "num_experts",
-            "moe_topk",
-            "moe_ffn_hidden_size",
-            "shared_expert_ffn_hidden_size",
-            "mtp_num_layers",
-        ):
+        for field in SHAPE_FIELDS:
             if getattr(cfg, field) != getattr(found, field):
                 raise ValueError(
                     f"model.{field}={getattr(cfg, field)!r} but {hf_dir}/config.json has "

@@ -69,14 +69,10 @@ class ParallelConfig:
         )
 
     def transformer_kwargs(self) -> dict:
-        """The parallel fields of a Megatron-Core `TransformerConfig` (every model builder)."""
+        """The parallel fields of a Megatron-Core `TransformerConfig` (every model builder): the same
+        group sizes as `initialize_kwargs`, sequence parallelism and the pipeline layout."""
         return dict(
-            tensor_model_parallel_size=self.tp,
-            pipeline_model_parallel_size=self.pp,
-            virtual_pipeline_model_parallel_size=self.vpp,
-            context_parallel_size=self.cp,
-            expert_model_parallel_size=self.ep,
-            expert_tensor_parallel_size=self.etp,
+            **self.initialize_kwargs(),
             sequence_parallel=bool(self.sequence_parallel),
             pipeline_model_parallel_layout=self.pipeline_layout,
         )

@@ -64,6 +64,15 @@ def _model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _load_model_state(chunks, loaded: dict) -> None:
+    """The loaded model state (as `_model_sharded_state_dict` names it) into the chunks."""
+    if len(chunks) == 1:
+        chunks[0].module.load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.module.load_state_dict(loaded[f"model{i}"])
+
+
 def _rng_state() -> dict:
     return {
         "random": random.getstate(),
@@ -183,11 +192,7 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
     if same_layout:  # RNG streams are per rank; after a re-layout they are re-seeded instead
         state["rng"] = _rng_sharded(None)
     loaded = dist_checkpointing.load(state, path)
-    if len(chunks) == 1:
-        chunks[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            c.module.load_state_dict(loaded[f"model{i}"])
+    _load_model_state(chunks, loaded)
     with torch.no_grad():  # fp32 runs: main params are views of the model's leaf parameters
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
@@ -211,11 +216,7 @@ def load_model_weights(run_dir: str, chunks, step: int | None = None, optimizer=
     path = checkpoint_dir(run_dir, step)
     state = _model_sharded_state_dict(chunks)
     loaded = dist_checkpointing.load(state, path)
-    if len(chunks) == 1:
-        chunks[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            c.module.load_state_dict(loaded[f"model{i}"])
+    _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
     return step

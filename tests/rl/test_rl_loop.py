@@ -44,17 +44,25 @@ def _in_repo(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, embedded_data, golden_run):
+    """The data and the supervised warm-up checkpoint of the golden RL run (tests/golden/runs.py),
+    which also serves test_sync_run_logs_the_rl_scalars."""
+    work = golden_run("rl_sync")
     root = tmp_path_factory.mktemp("rl")
-    return {"data": str(root / "data"), "sft": str(root / "sft"), "root": root}
+    return {
+        "data": embedded_data,
+        "sft": os.path.join(work, "rl_sft"),
+        "sync": os.path.join(work, "rl_sync"),
+        "root": root,
+    }
 
 
 def test_sync_run_logs_the_rl_scalars(dirs):
-    run_dir = str(dirs["root"] / "sync")
-    out = run_distributed(run, 1, dirs["data"], run_dir, dirs["sft"])[0]
-    assert [s for s, _ in out["accuracy"]] == [0, 3]
-    assert out["staleness"] == [0] * 6  # sync: every group is from the current version
-    tags = set(read_run(run_dir))
+    """The golden sync run (posttrain/train_rl.py, 6 steps, eval at 0 and 6) logged the RL scalars."""
+    curves = read_run(dirs["sync"])
+    assert sorted(curves["rl/accuracy_heldout"]) == [0, 6]
+    assert set(curves["staleness/max"].values()) == {0.0}  # sync: every group is from the current version
+    tags = set(curves)
     for tag in (
         "rl/reward_mean",
         "rl/reward_std",
@@ -72,6 +80,7 @@ def test_sync_run_logs_the_rl_scalars(dirs):
         "train/grad_norm",
         "train/skipped_iterations",
         "rl/weight_sync_seconds",
+        "rl/step_seconds",
     ):
         assert tag in tags, (tag, sorted(tags))
 
@@ -95,8 +104,6 @@ def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
-    if not os.path.exists(os.path.join(dirs["sft"], "checkpoints", "latest")):
-        pytest.skip("needs the warm-up checkpoint of test_sync_run_logs_the_rl_scalars")
     out = run_distributed(reward_model, 1, dirs["data"], dirs["sft"], str(tmp_path))[0]
     losses = out["losses"]
     assert len(losses) == 12 and sum(losses[-4:]) / 4 < losses[0]

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_step.testing import golden
+from tools.loss_compare import main as loss_compare
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 
@@ -54,23 +55,25 @@ def test_compare_catches_one_ulp_and_missing_steps():
     assert "MISMATCH" in golden.format_rows(rows, only_bad=True)
 
 
-def test_loss_compare_cli_exit_codes(tmp_path):
+def test_loss_compare_cli_exit_codes(tmp_path, capsys):
     a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
     golden.write_table(a, CURVES, ["a"])
     moved = {k: dict(v) for k, v in CURVES.items()}
     moved["train/lm_loss"][1] *= 1.001
     golden.write_table(b, moved, ["b"])
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "tools/loss_compare.py", *args], cwd=REPO, capture_output=True, text=True
+    assert loss_compare([a, a, "--assert-equal"]) == 0
+    assert loss_compare([a, b, "--rtol", "1e-5"]) == 1 and "MISMATCH" in capsys.readouterr().out
+    assert loss_compare([a, b, "--rtol", "1e-2"]) == 0
+    assert loss_compare([a, b]) == 0  # no tolerance given: a table, not a verdict
+    assert loss_compare([a, str(tmp_path / "nope")]) == 2 and "nope" in capsys.readouterr().err
+    # as a user runs it: the exit code reaches the shell
+    cli = subprocess.run(
+        [sys.executable, "tools/loss_compare.py", a, b, "--assert-equal"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
-    same = run(a, a, "--assert-equal")
-    assert same.returncode == 0, same.stdout + same.stderr
-    diff = run(a, b, "--rtol", "1e-5")
-    assert diff.returncode == 1 and "MISMATCH" in diff.stdout
-    assert run(a, b, "--rtol", "1e-2").returncode == 0
-    assert run(a, b).returncode == 0  # no tolerance given: a table, not a verdict
-    missing = run(a, str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "nope" in missing.stderr
+    assert cli.returncode == 1 and "MISMATCH" in cli.stdout, cli.stderr
 
 
 def test_read_run_names_the_missing_scalar(tmp_path):

@@ -20,14 +20,15 @@ from megatron_step.testing.golden import read_run
 from megatron_step.training import checkpoint
 from megatron_step.training.dry_run import format_report
 from megatron_step.training.setup import build_model_and_optimizer
+from tests.golden import runs
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
+@pytest.fixture
+def data_dir(embedded_data):
+    return embedded_data  # tests/conftest.py: shared with the golden runs
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +36,10 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def test_run_logs_every_scalar_to_tensorboard(data_dir, tmp_path):
-    run_dir = str(tmp_path / "run")
-    out = run_distributed(train, 1, data_dir, run_dir, ("train.steps=6", "train.eval_interval=3"))[0]
-    assert len(out["losses"]) == 6 and out["val_loss"] is not None
+def test_run_logs_every_scalar_to_tensorboard(golden_run):
+    """The golden pretraining run (tests/golden/runs.py: the entry point, 30 steps, MTP-3) logged
+    every scalar of docs/metrics.md's training table, at the steps it should."""
+    run_dir = os.path.join(golden_run("pretrain"), "pretrain")
     curves = read_run(run_dir)
     for tag in (
         "train/lm_loss",
@@ -48,6 +49,8 @@ def test_run_logs_every_scalar_to_tensorboard(data_dir, tmp_path):
         "train/lr",
         "train/grad_norm",
         "train/tokens_per_sec",
+        "train/step_ms",
+        "train/optimizer_step_ms",
         "train/tflops_per_device",
         "train/mfu",
         "train/skipped_iterations",
@@ -55,15 +58,13 @@ def test_run_logs_every_scalar_to_tensorboard(data_dir, tmp_path):
         "val/lm_loss",
     ):
         assert tag in curves, (tag, sorted(curves))
+    assert sorted(curves["train/lm_loss"]) == list(range(1, 31))
+    assert sorted(curves["val/lm_loss"]) == [30]  # eval_interval 0: validation at the last step only
+    assert max(curves["train/skipped_iterations"].values()) == 0.0
     moe_layers = range(2, 8)  # tiny: layers 2..7 are MoE (Megatron numbers layers from 1)
     for layer in moe_layers:
-        assert (
-            f"moe/load_max/layer_{layer + 1:02d}" in curves
-            and f"moe/load_min/layer_{layer + 1:02d}" in curves
-        )
-    losses = [curves["train/lm_loss"][s] for s in sorted(curves["train/lm_loss"])]
-    assert losses == pytest.approx(out["losses"])
-    assert sorted(curves["val/lm_loss"]) == [3, 6]
+        for kind in ("load_max", "load_min"):
+            assert sorted(curves[f"moe/{kind}/layer_{layer + 1:02d}"]) == [10, 20, 30]  # log_interval 10
     assert os.path.exists(os.path.join(run_dir, "run_info.json"))
 
 
@@ -75,10 +76,7 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert len(first["losses"]) == 3 and second["start"] == 3
     assert first["losses"] + second["losses"] == full["losses"]
     # the weights of the uninterrupted run and of the resumed one, read back from their final checkpoints
-    a, b = (
-        run_distributed(final_weights, 1, data_dir, d, ("train.steps=6",))[0]
-        for d in (str(tmp_path / "a"), b)
-    )
+    a, b = run_distributed(final_weights, 1, data_dir, [str(tmp_path / "a"), b], ("train.steps=6",))[0]
     assert a.keys() == b.keys() and len(a) > 10
     for name, p in a.items():
         assert torch.equal(p, b[name]), name
@@ -135,11 +133,16 @@ def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
     assert out == {"step": 2, "finite": True}
 
 
-def test_two_process_dp_matches_one_process(data_dir, tmp_path):
-    one = run_distributed(train, 1, data_dir, str(tmp_path / "one"), ("train.steps=4",))[0]
-    two = run_distributed(train, 2, data_dir, str(tmp_path / "two"), ("train.steps=4",))
+def test_two_process_dp_matches_one_process(data_dir, golden_run, tmp_path, monkeypatch):
+    """DP=2 (distributed optimizer over 2 ranks) follows the 1-process golden pretraining run (the
+    same config and kernels, tests/golden/runs.py) step for step."""
+    one = read_run(os.path.join(golden_run("pretrain"), "pretrain"), ["train/lm_loss"])["train/lm_loss"]
+    for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR"):  # the golden run's kernels (its thread count differs)
+        monkeypatch.setenv(name, runs.ENV[name])
+    overrides = [a for a in runs.BY_NAME["pretrain"].overrides if "{work}" not in a]
+    two = run_distributed(train, 2, data_dir, str(tmp_path / "two"), (*overrides, "train.exit_after=4"))
     curve = next(r["losses"] for r in two if r["losses"])
-    assert curve == pytest.approx(one["losses"], rel=1e-5)
+    assert curve == pytest.approx([one[s] for s in range(1, 5)], rel=1e-5)
 
 
 def test_dry_run_of_the_report_layout_on_4096_gpus():
@@ -200,11 +203,14 @@ def load_latest(rank, world_size, data_dir, run_dir, extra=()):
     return {"step": info["step"], "finite": bool(torch.isfinite(torch.tensor(total)))}
 
 
-def final_weights(rank, world_size, data_dir, run_dir, extra=()):
-    """The model weights of the run's latest checkpoint, by name (1 process)."""
-    chunks, _, _ = _built(data_dir, run_dir, extra)
-    checkpoint.load_model_weights(run_dir, chunks)
-    return {n: p.detach().clone() for c in chunks for n, p in c.module.named_parameters()}
+def final_weights(rank, world_size, data_dir, run_dirs, extra=()):
+    """Per run directory, the model weights of its latest checkpoint by name (1 process)."""
+    chunks, _, _ = _built(data_dir, run_dirs[0], extra)
+    out = []
+    for run_dir in run_dirs:
+        checkpoint.load_model_weights(run_dir, chunks)
+        out.append({n: p.detach().clone() for c in chunks for n, p in c.module.named_parameters()})
+    return out
 
 
 def _dry(rank, world_size, cfg, world):

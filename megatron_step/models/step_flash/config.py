@@ -17,6 +17,30 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# shape fields that must be >= 1
+POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "head_dim",
+    "num_query_groups",
+    "full_attention_heads",
+    "sliding_attention_heads",
+    "full_attention_period",
+    "dense_ffn_hidden_size",
+)
+# every field that decides a tensor's shape (a checkpoint fits a config when these agree)
+SHAPE_FIELDS = (
+    *POSITIVE_FIELDS,
+    "sliding_window",
+    "first_k_dense",
+    "num_experts",
+    "moe_topk",
+    "moe_ffn_hidden_size",
+    "shared_expert_ffn_hidden_size",
+    "mtp_num_layers",
+)
+
 
 @dataclass
 class StepFlashConfig:
@@ -78,17 +102,7 @@ class StepFlashConfig:
         def bad(name, why):
             raise ValueError(f"model.{name}={getattr(self, name)!r}: {why}")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "head_dim",
-            "num_query_groups",
-            "full_attention_heads",
-            "sliding_attention_heads",
-            "full_attention_period",
-            "dense_ffn_hidden_size",
-        ):
+        for name in POSITIVE_FIELDS:
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("full_attention_heads", "sliding_attention_heads"):
