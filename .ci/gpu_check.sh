@@ -10,6 +10,9 @@
 # 5. MMRPT on the GPU in bf16: shards, caption warm-up, MMRPT steps, held-out eval (DALI decodes on the
 #    GPU when it is installed, else the webdataset reader is used).
 set -uo pipefail
+cd "$(dirname "$0")/.."
+# the entry points import the package; without `make install` (an editable install) it is this checkout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/gpu_check}
 LOGS=${LOGS:-$WORK/logs}

@@ -184,6 +184,9 @@ def _run_async(run: _Run, replica) -> None:
 
 
 def train_rl(cfg: RLRunConfig) -> dict:
+    """Run the RL stage per `cfg`; returns {"accuracy": [(step, greedy held-out accuracy)],
+    "accuracy_sampled", "reward": [(step, mean reward)], "staleness" (per trained group),
+    "tokens_sampled": [(step, tokens)], "reward_failures", "run_dir"}."""
     t, r = cfg.train, cfg.rl
     env = platform.setup(cfg.parallel, seed=t.seed)
     if cfg.parallel.pp != 1:

@@ -3,6 +3,7 @@ surfaced, a hang turned into an error."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_step.testing import DistributedTestError, run_distributed
+from megatron_step.testing.distributed import default_start_method
 
 pytestmark = pytest.mark.distributed
 
@@ -44,3 +46,31 @@ def test_failing_rank_traceback_is_surfaced_and_others_are_ended():
 def test_hang_becomes_an_error():
     with pytest.raises(DistributedTestError, match="produced no result within 3s"):
         run_distributed(_sleep, 1, timeout_s=3)
+
+
+def _crash(rank, world_size):
+    os._exit(3)  # no traceback, no result: as a segfault or an OOM kill would
+
+
+def _env(rank, world_size, name):
+    return os.environ.get(name), os.environ["RANK"]
+
+
+def test_a_rank_that_dies_is_reported_at_once_with_its_exit_code():
+    t0 = time.monotonic()
+    with pytest.raises(
+        DistributedTestError, match=r"ranks \[0\] of 1 died without reporting \(exit codes \[3\]"
+    ):
+        run_distributed(_crash, 1, timeout_s=300)
+    assert time.monotonic() - t0 < 60  # not the 300 s timeout
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_ranks_see_the_callers_environment_at_the_call(monkeypatch, start_method):
+    monkeypatch.setenv("MEGATRON_STEP_TEST_VALUE", "set after the server started")
+    got = run_distributed(_env, 2, "MEGATRON_STEP_TEST_VALUE", start_method=start_method)
+    assert got == [("set after the server started", "0"), ("set after the server started", "1")]
+
+
+def test_cpu_runs_start_ranks_from_a_forkserver():
+    assert default_start_method() == ("spawn" if torch.cuda.is_available() else "forkserver")

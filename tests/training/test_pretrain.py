@@ -140,7 +140,10 @@ def test_two_process_dp_matches_one_process(data_dir, golden_run, tmp_path, monk
     for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR"):  # the golden run's kernels (its thread count differs)
         monkeypatch.setenv(name, runs.ENV[name])
     overrides = [a for a in runs.BY_NAME["pretrain"].overrides if "{work}" not in a]
-    two = run_distributed(train, 2, data_dir, str(tmp_path / "two"), (*overrides, "train.exit_after=4"))
+    # "spawn": fresh interpreters read those variables (a forkserver's ranks inherit the server's kernels)
+    two = run_distributed(
+        train, 2, data_dir, str(tmp_path / "two"), (*overrides, "train.exit_after=4"), start_method="spawn"
+    )
     curve = next(r["losses"] for r in two if r["losses"])
     assert curve == pytest.approx([one[s] for s in range(1, 5)], rel=1e-5)
 
