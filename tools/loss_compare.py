@@ -8,8 +8,9 @@
     python tools/loss_compare.py runs/a runs/b
 
 A and B are golden files (tests/golden/*.txt) or run directories (their TensorBoard scalars).
-Compared: --keys, else every column of A (a run directory as A: every scalar it logged). Exit codes:
-0 equal within the tolerance (or no tolerance asked), 1 a mismatch, 2 bad input.
+Compared: --keys, else the columns of the golden file (of A when both are files), else the scalars
+both runs logged. Exit codes: 0 equal within the tolerance (or no tolerance asked), 1 a mismatch,
+2 bad input.
 """
 
 from __future__ import annotations
@@ -32,13 +33,19 @@ def main(argv=None) -> int:
     ap.add_argument("--only-mismatches", action="store_true", help="print only the differing values")
     args = ap.parse_args(argv)
     try:
-        a = golden.load(args.a, args.keys)
-        b = golden.load(args.b, args.keys or list(a))
+        keys = args.keys
+        if keys is None:
+            files = [p for p in (args.a, args.b) if not os.path.isdir(p)]
+            if files:
+                keys = list(golden.load(files[0]))
+            else:
+                keys = sorted(set(golden.load(args.a)) & set(golden.load(args.b)))
+        a, b = golden.load(args.a, keys), golden.load(args.b, keys)
     except (OSError, KeyError, ValueError) as e:
         print(f"loss_compare: {e}", file=sys.stderr)
         return 2
     rtol = 0.0 if args.assert_equal else args.rtol
-    rows = golden.compare(a, b, rtol=rtol or 0.0, keys=args.keys)
+    rows = golden.compare(a, b, rtol=rtol or 0.0, keys=keys)
     names = tuple(os.path.basename(os.path.normpath(p)) for p in (args.a, args.b))
     print(golden.format_rows(rows, names, only_bad=args.only_mismatches))
     if rtol is None:

@@ -85,5 +85,11 @@ def test_read_run_names_the_missing_scalar(tmp_path):
     w.close()
     curves = golden.read_run(str(tmp_path / "run"))
     assert curves == {"train/lm_loss": {1: 3.0, 2: 1.5}}
+    # a run against a golden file: the file's columns are compared, not everything the run logged
+    w = SummaryWriter(str(tmp_path / "run" / "tensorboard"))
+    w.add_scalar("train/lr", 0.1, 1)
+    w.close()
+    golden.write_table(str(tmp_path / "g.txt"), curves, ["from the run"])
+    assert loss_compare([str(tmp_path / "run"), str(tmp_path / "g.txt"), "--assert-equal"]) == 0
     with pytest.raises(KeyError, match="no scalar 'train/grad_norm'"):
         golden.read_run(str(tmp_path / "run"), ["train/grad_norm"])
