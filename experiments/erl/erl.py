@@ -204,9 +204,10 @@ def token_at_char(codec: Codec, tokens: list[int], char: int) -> int:
 class _Rollout:
     """One rollout's state: its cache, the kept trajectory, the current step's boundary logits."""
 
-    def __init__(self, engine, prompt, tool, codec, params, cfg, score_fn, gen, record):
+    def __init__(self, engine, prompt, tool, codec, params, cfg, score_fn, seed, key, record):
         self.engine, self.prompt, self.tool, self.codec = engine, list(prompt), tool, codec
-        self.params, self.cfg, self.score_fn, self.gen = params, cfg, score_fn, gen
+        self.params, self.cfg, self.score_fn = params, cfg, score_fn
+        self.seed, self.key = seed, key  # keyed randomness: a token's key is (*key, index, rollbacks)
         self.cap = params.max_new_tokens
         self.prompt_text = codec.decode(self.prompt)
         self.cache = KVCache(1, len(prompt) + self.cap)
@@ -233,7 +234,10 @@ class _Rollout:
         """Sample from response index len(resp) (>= start) until the step ends; `logits_k[k]` predicts
         step token k and grows as tokens are fed. The last token is not fed. Returns the step's kind."""
         while True:
-            tok, lp, ent = self.engine._sample(logits_k[len(self.resp) - start][None], self.params, self.gen)
+            key = (*self.key, len(self.resp), self.rollbacks)
+            tok, lp, ent = self.engine._sample(
+                logits_k[len(self.resp) - start][None], self.params, self.seed, [key]
+            )
             t = int(tok[0])
             self.resp.append(t)
             self.logp.append(float(lp[0]))
@@ -360,13 +364,13 @@ def generate_erl(
     t0 = time.perf_counter()
     was_training = engine.model.training
     engine.model.eval()
-    gen = engine.generator(params)  # on the logits' device
+    seed = engine.seed_of(params)
     mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
     out, used, allocated = [], 0, 0
     try:
         with mode:
-            for p in prompts:
-                r = _Rollout(engine, p, tool, tokenizer, params, cfg, score_fn, gen, record_routing)
+            for i, p in enumerate(prompts):
+                r = _Rollout(engine, p, tool, tokenizer, params, cfg, score_fn, seed, (i,), record_routing)
                 out.append(r.run())
                 used += r.cache.used_bytes()
                 allocated += r.cache.allocated_bytes()

@@ -66,7 +66,7 @@ class AsyncGenerator:
                     time.sleep(0.01)
                     continue
                 with self.lock:
-                    groups, stats = s.sample(self.version, batch * s.per_rank)
+                    groups, stats = s.sample(self.version, batch)
                 self.stats.append(stats)
                 self.buffer.add([r for g in groups for r in g])
                 batch += 1

@@ -19,6 +19,11 @@ per sequence -- the prompt's own token while a sequence is still inside its prom
 after. The cache is shared by the batch (one length), so `truncate` rolls the whole batch back;
 sequences that must keep their tokens are re-fed them (teacher forcing), as prompts are.
 
+Randomness and layouts (megatron_step.rl.lockstep): a sampled token is drawn by inverse CDF from a
+uniform keyed by (params.seed, the row's key, position, attempt) -- no generator state, so rollouts do
+not depend on batching or on the layout -- and every loop exit is agreed over `Engine.lockstep`'s
+group, so ranks joined by a forward's collectives (TP, EP, ...) make the same forward calls.
+
 Log-probabilities: of the token under softmax(logits / temperature), before top-k / top-p
 truncation -- the policy the trainer models is the temperature-scaled one (use temperature 1.0 for
 RL so that it is the trainer's own π). Shapes: B sequences, S positions, V vocabulary, K top-k.
@@ -27,13 +32,18 @@ RL so that it is the trainer's own π). Shapes: B sequences, S positions, V voca
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+from megatron_step.rl.lockstep import Lockstep, keyed_uniforms
 
 
 @dataclass
@@ -44,7 +54,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: off
     greedy: bool = False  # argmax (logprobs still of the temperature-scaled distribution)
     stop_ids: tuple[int, ...] = ()  # finishing tokens (kept in the response); eos is added by Engine
-    seed: int | None = None  # sampling generator seed; None: torch's global RNG
+    # the run seed of the keyed randomness (megatron_step.rl.lockstep): with the row keys it fixes every
+    # sampled token; None: one drawn from torch's global RNG per generate call
+    seed: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -119,9 +131,11 @@ class Engine:
     """Generation over `model` (a Megatron-Core GPTModel chunk holding the whole model: PP=1). The
     engine holds a reference, not a copy: the trainer's updates are what it samples from."""
 
-    def __init__(self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256):
+    def __init__(self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256, lockstep=None):
         self.model = model
         self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
+        # ranks whose forwards are joined by collectives agree on every loop exit (rl.lockstep)
+        self.lockstep = Lockstep.for_model() if lockstep is None else lockstep
         self.replays = router_replays(model)
         self.has_mtp = bool(getattr(model, "mtp_process", False))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
@@ -156,9 +170,15 @@ class Engine:
             if record:
                 r.set_router_replay_action(RouterReplayAction.RECORD)
         try:
-            logits = self.model(
-                tokens_BS, pos, None, inference_context=cache.ctx, runtime_gather_output=True, **model_kwargs
-            )
+            with self._without_sequence_parallel():
+                logits = self.model(
+                    tokens_BS,
+                    pos,
+                    None,
+                    inference_context=cache.ctx,
+                    runtime_gather_output=True,
+                    **model_kwargs,
+                )
         finally:
             for r in self.replays:
                 r.clear_router_replay_action()
@@ -170,16 +190,36 @@ class Engine:
             )
         return logits.float()
 
-    def generator(self, params: SamplingParams) -> torch.Generator | None:
-        """The sampling generator for `params.seed` (None: torch's global RNG), on the logits' device."""
-        if params.seed is None:
-            return None
-        return torch.Generator(device=self.device).manual_seed(params.seed)
+    @contextlib.contextmanager
+    def _without_sequence_parallel(self):
+        """Sequence parallelism off for a generation forward (a decode step feeds one position, which
+        TP ranks cannot split), with Megatron-Core's own switch, as its static text-generation
+        controller does: under TP x EP the MoE layers keep it (their token dispatcher relies on it;
+        they all-gather the sequence before the next layer)."""
+        cfg = self.model.config
+        if not cfg.sequence_parallel:
+            yield
+            return
+        exclude = [BaseMoELayer] if cfg.expert_model_parallel_size > 1 else None
+        set_model_to_sequence_parallel(self.model, False, exclude_modules=exclude)
+        try:
+            yield
+        finally:
+            set_model_to_sequence_parallel(self.model, True, exclude_modules=exclude)
+
+    @staticmethod
+    def seed_of(params: SamplingParams) -> int:
+        """The keyed randomness' run seed: `params.seed`, or one drawn from torch's global RNG."""
+        if params.seed is not None:
+            return params.seed
+        return int(torch.randint(0, 2**62, (1,)).item())
 
     # -- sampling ---------------------------------------------------------------------------------------
     @staticmethod
-    def _sample(logits_BV: torch.Tensor, p: SamplingParams, gen: torch.Generator | None):
-        """(token, logprob, entropy) per row, each (B,)."""
+    def _sample(logits_BV: torch.Tensor, p: SamplingParams, seed: int, keys):
+        """(token, logprob, entropy) per row, each (B,). `keys[b]`: row b's key (prompt id, sample
+        index, position, attempt) -- with `seed` it fixes the row's uniform (rl.lockstep), which picks
+        the token by inverse CDF of the filtered distribution."""
         logp = torch.log_softmax(logits_BV / p.temperature, dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)
         if p.greedy:
@@ -195,7 +235,10 @@ class Engine:
                 drop = cum - sorted_lp.exp() > p.top_p  # keep the smallest prefix reaching top_p
                 sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
                 filtered = torch.full_like(filtered, float("-inf")).scatter(-1, idx, sorted_lp)
-            tok = torch.multinomial(torch.softmax(filtered, -1), 1, generator=gen).squeeze(-1)
+            cdf = torch.softmax(filtered.double(), -1).cumsum(-1)
+            u = keyed_uniforms(seed, keys).to(cdf.device)[:, None] * cdf[:, -1:]
+            # right=True: the first index whose cdf exceeds u, never a token of probability 0
+            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
 
     @torch.no_grad()
@@ -205,35 +248,46 @@ class Engine:
         params: SamplingParams,
         record_routing: bool = True,
         images: torch.Tensor | None = None,
+        keys: list[tuple[int, ...]] | None = None,
     ) -> list[Generation]:
-        """Sample one response per prompt (repeat a prompt G times for a group). `images` (B, 3, H, W),
-        one per prompt, are given to the image-text model with the prefill (models/vlm.py): the
-        prompts' `<image>` placeholders must lie within the shortest prompt."""
-        if not prompts or any(len(p) == 0 for p in prompts):
+        """Sample one response per prompt (repeat a prompt G times for a group). `keys[i]`: prompt i's
+        key for the keyed randomness, a tuple of ints unique within the call, e.g. (prompt id, sample
+        index) (default: (i,)); a token's uniform is keyed by (params.seed, *keys[i], position, 0).
+        `images` (B, 3, H, W), one per prompt, are given to the image-text model with the prefill
+        (models/vlm.py): the prompts' `<image>` placeholders must lie within the shortest prompt.
+
+        Every rank of `self.lockstep` must call this together: ranks may hold different numbers of
+        prompts (none included) and need different numbers of steps; they all run the same number of
+        chunks and forward calls, finished rows (or a placeholder row) fed padding."""
+        if any(len(p) == 0 for p in prompts):
             raise ValueError("Engine.generate: every prompt needs at least one token")
-        if len(prompts) > self.max_batch:
-            return [
-                g
-                for i in range(0, len(prompts), self.max_batch)
-                for g in self.generate(
-                    prompts[i : i + self.max_batch],
-                    params,
-                    record_routing,
-                    None if images is None else images[i : i + self.max_batch],
-                )
-            ]
+        keys = [(i,) for i in range(len(prompts))] if keys is None else [tuple(k) for k in keys]
+        if len(keys) != len(prompts):
+            raise ValueError(f"Engine.generate: {len(prompts)} prompts but {len(keys)} keys")
+        seed, mb = self.seed_of(params), self.max_batch
+        chunks = self.lockstep.max(math.ceil(len(prompts) / mb))  # collective: self.lockstep.group
+        out: list[Generation] = []
+        for c in range(chunks):
+            part = slice(c * mb, (c + 1) * mb)
+            imgs = None if images is None else images[part]
+            out += self._generate_chunk(prompts[part], params, seed, keys[part], record_routing, imgs)
+        return out
+
+    def _generate_chunk(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        idle = not prompts  # this rank has nothing here but its group still steps: one padding row
+        if idle:
+            prompts, keys, images = [[self.pad_id]], [(0,)], None
         b = len(prompts)
         lens = [len(p) for p in prompts]
         lo, hi = min(lens), max(lens)
         cache = KVCache(b, hi + params.max_new_tokens)
         stop = set(params.stop_ids) | {self.eos_id}
-        gen = self.generator(params)
-        routing = [] if record_routing and self.replays else None
+        routing = [] if record_routing and self.replays and not idle else None
         out = [Generation(list(p), [], [], [], "length") for p in prompts]
-        done = [False] * b
+        done = [idle] * b
         # Megatron-Core's InferenceMode (GPTModel skips MTP while it is on) is a process-wide flag;
         # a model without MTP does not need it, which lets a generation thread run beside training
         mode = InferenceMode.active() if self.has_mtp else contextlib.nullcontext()
@@ -245,7 +299,8 @@ class Engine:
                 self.stats["prefill_tokens"] += b * lo
                 pos = lo  # position of the token chosen next
                 while True:
-                    tok, lp, ent = self._sample(logits, params, gen)
+                    row_keys = [(*keys[i], len(out[i].response_ids), 0) for i in range(b)]
+                    tok, lp, ent = self._sample(logits, params, seed, row_keys)
                     feed = []
                     for i in range(b):
                         if pos < lens[i]:  # still inside its prompt: teacher-force the prompt token
@@ -263,13 +318,18 @@ class Engine:
                             elif len(g.response_ids) >= params.max_new_tokens:
                                 done[i] = True
                             feed.append(t)
-                    if all(done):
+                    # rows inside their prompt are not done; collective on self.lockstep.group
+                    if not self.lockstep.any(not all(done)):
                         break
+                    if cache.length + 1 > cache.max_len:  # another rank still decodes: recycle a slot
+                        cache.truncate(cache.length - 1)
                     logits = self.forward(cache, torch.tensor(feed)[:, None], routing)[:, -1]
                     self.stats["decode_tokens"] += b
                     pos += 1
         finally:
             self.model.train(was_training)
+        if idle:
+            return []
         if routing is not None:
             per_layer = [
                 torch.cat([step[layer] for step in routing], 0) for layer in range(len(self.replays))

@@ -8,9 +8,11 @@ it in place on top of the kept prefix's KV cache.
 How it works (one static cache for the batch; Megatron-Core's static cache keeps one length for all
 rows, so segments are aligned on cache positions: prompts of different lengths are fed as in
 `Engine.generate` -- the shortest prefilled, the rest one position per step while rows whose prompt
-has ended already sample -- and segment 0 starts, for every row, where the longest prompt ends. The
-few tokens a shorter prompt's row samples before that, its lead-in, are never erased and count with
-segment 0 for credit):
+has ended already sample -- and segment 0 starts, for every row, where the longest prompt of the
+call ends: the longest over every rank and batch chunk, agreed by one all-reduce on the world group,
+so that segment boundaries, and with the keyed randomness the rollouts, do not depend on how the
+prompts were batched or spread over ranks. The few tokens a shorter prompt's row samples before
+that, its lead-in, are never erased and count with segment 0 for credit):
 
 1. All rows decode segment n (S tokens) together. Each sampled token's cross-entropy (-log p of the
    sampled token) and entropy come from the sampling logits, as in `Engine.generate`.
@@ -43,75 +45,16 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.inference.utils import InferenceMode
 
-from megatron_step.rl.config import E3RLConfig
 from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
-
-
-class E3RLPolicy:
-    """The erasure rule. Subclass and override `uncertainty` / `threshold` (or `decide`) to change it;
-    `generate_erasable` only calls `decide`."""
-
-    def __init__(self, cfg: E3RLConfig):
-        self.cfg = cfg
-
-    def token_signal(self, logprobs: list[float], entropies: list[float]) -> list[float]:
-        return [-x for x in logprobs] if self.cfg.signal == "cross_entropy" else list(entropies)
-
-    def uncertainty(self, x: list[float], prev_mean: float | None) -> float:
-        """U of one segment from its token signal `x` (non-empty) and the previous kept segment's mean."""
-        c = self.cfg
-        t = torch.tensor(x, dtype=torch.float64)
-        w = min(c.smooth_window, len(x))
-        smooth = t.unfold(0, w, 1).mean(-1)  # (len - w + 1,) sliding means
-        rise = 0.0 if prev_mean is None else max(0.0, float(t.mean()) - prev_mean)
-        return c.w_mean * float(smooth.mean()) + c.w_max * float(t.max()) + c.w_rate * rise
-
-    def threshold(self, mu: float, sigma: float, erasures: int, history: float) -> float:
-        c = self.cfg
-        return (mu + c.threshold_std * sigma) * (1.0 + c.penalty_growth) ** erasures * history
-
-    def decide(
-        self,
-        u: list[float],
-        groups: list[int],
-        erasures: list[int],
-        histories: list[list[float]],
-        stats: dict[int, tuple[float, float]] | None = None,
-    ) -> tuple[list[bool], list[float], dict]:
-        """For the rows of one segment: erase?, Theta per row, and the group statistics used.
-
-        u[i]: U of row i's segment; groups[i]: its prompt group; erasures[i]: erasures so far;
-        histories[i]: U of its earlier kept segments. `stats` (group -> (mu, sigma)) fixes the group
-        statistics (given on re-checks of a regenerated segment: the first pass's are kept)."""
-        if stats is None:
-            stats = {}
-            for g in set(groups):
-                vals = torch.tensor([x for x, gg in zip(u, groups) if gg == g], dtype=torch.float64)
-                sd = float(vals.std(unbiased=False)) if len(vals) > 1 else 0.0
-                stats[g] = (float(vals.mean()), sd)
-        # history: this row's mean kept U relative to its group's mean kept U
-        group_hist: dict[int, list[float]] = {}
-        for h, g in zip(histories, groups):
-            if h:
-                group_hist.setdefault(g, []).append(sum(h) / len(h))
-        thetas, erase = [], []
-        for i, g in enumerate(groups):
-            mu, sd = stats[g]
-            hist = 1.0
-            if histories[i] and group_hist.get(g):
-                ref = sum(group_hist[g]) / len(group_hist[g])
-                if ref > 0:
-                    hist = (sum(histories[i]) / len(histories[i]) / ref) ** self.cfg.history_power
-            th = self.threshold(mu, sd, erasures[i], hist)
-            thetas.append(th)
-            erase.append(sd > 0 and u[i] > th and erasures[i] < self.cfg.max_erasures)
-        return erase, thetas, stats
+from megatron_step.rl.erasure_policy import E3RLPolicy
+from megatron_step.rl.lockstep import Lockstep
 
 
 @dataclass
 class _Row:
     prompt: list[int]
     group: int
+    key: tuple = ()  # the keyed randomness' row key; a token's is (*key, response index, erasures)
     resp: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
     ent: list[float] = field(default_factory=list)
@@ -140,15 +83,31 @@ class _Bucket:
         rows: list[_Row],
         params: SamplingParams,
         policy: E3RLPolicy,
-        gen: torch.Generator | None,
+        seed: int,
         record: bool,
+        align: int,
     ):
-        self.engine, self.rows, self.params, self.policy, self.gen = engine, list(rows), params, policy, gen
+        self.engine, self.rows, self.params, self.policy, self.seed = engine, list(rows), params, policy, seed
         self.cfg = policy.cfg
-        self.cache = KVCache(len(rows), max(len(r.prompt) for r in rows) + self.cfg.max_new_tokens)
+        self.align = align  # cache position where segment 0 starts (>= every prompt's length)
+        self.cache = KVCache(len(rows), align + self.cfg.max_new_tokens)
         self.record = record and bool(engine.replays)
         self.stop = set(params.stop_ids) | {engine.eos_id}
         self.rows_moved = 0
+        self.step = engine.lockstep  # every loop exit below is agreed on its group (rl.lockstep)
+        self.scratch: KVCache | None = None  # a 1-row cache for forwards that only keep the group in step
+
+    def sample(self, rows: list[_Row]):
+        """(token, logprob, entropy) for `rows` from their current logits, keyed per row."""
+        keys = [(*r.key, len(r.resp), r.erasures) for r in rows]
+        return self.engine._sample(torch.stack([r.logits for r in rows]), self.params, self.seed, keys)
+
+    def idle_forward(self) -> None:
+        """One forward of a padding token through the scratch cache: this rank has no row to feed
+        but the ranks of its lockstep group do (their collectives need this rank's)."""
+        if self.scratch is None or self.scratch.length + 1 > self.scratch.max_len:
+            self.scratch = KVCache(1, 64)
+        self.engine.forward(self.scratch, torch.tensor([[self.engine.pad_id]]))
 
     def forward(self, tokens_bS: torch.Tensor, a: int) -> torch.Tensor:
         """Feed rows [a, a + b) at the cache's current position; (b, S, V) logits."""
@@ -170,16 +129,17 @@ class _Bucket:
         """The shortest prompt length for every row at once, then one position per step up to the
         longest (Megatron-Core's static batching, as `Engine.generate`): rows still inside their prompt
         are fed its next token, the others already sample -- their lead-in, before segment 0."""
-        lo, hi = min(len(r.prompt) for r in self.rows), max(len(r.prompt) for r in self.rows)
+        lo, hi = min(len(r.prompt) for r in self.rows), self.align
+        # agreed before any forward (collective: self.step.group): ranks whose shortest prompt is
+        # shorter feed more positions, the others step with them through the scratch cache
+        steps = self.step.max(hi - lo)
         toks = torch.tensor([r.prompt[:lo] for r in self.rows])
         logits = self.forward(toks, 0)[:, -1]
         self.engine.stats["prefill_tokens"] += toks.numel()
         for i, r in enumerate(self.rows):
             r.logits = logits[i]
         for pos in range(lo, hi):
-            tok, lp, ent = self.engine._sample(
-                torch.stack([r.logits for r in self.rows]), self.params, self.gen
-            )
+            tok, lp, ent = self.sample(self.rows)
             feed = []
             for j, r in enumerate(self.rows):
                 if pos < len(r.prompt):
@@ -193,6 +153,8 @@ class _Bucket:
                 r.logits = out[j]
         for r in self.rows:
             r.lead_in = len(r.resp)
+        for _ in range(steps - (hi - lo)):
+            self.idle_forward()
 
     def _take(self, r: _Row, t: int, lp: float, ent: float) -> int:
         """Append a sampled token to row r (marking it done at a stop token or the length cap)."""
@@ -209,18 +171,23 @@ class _Bucket:
         """Rows [a, b) (not done) sample one segment from their current logits, the cache positioned at
         the segment's start."""
         S = self.cfg.segment_len
-        rows = self.rows[a:b]
+        rows = self.rows[a:b]  # empty: this rank only keeps its group in step
         for r in rows:
             if not r.done:
                 r.seg_starts.append(len(r.resp))
         for _ in range(S):
-            tok, lp, ent = self.engine._sample(torch.stack([r.logits for r in rows]), self.params, self.gen)
-            feed = [
-                self.engine.pad_id if r.done else self._take(r, int(tok[j]), float(lp[j]), float(ent[j]))
-                for j, r in enumerate(rows)
-            ]
-            if all(r.done for r in rows):
+            feed = []
+            if rows:
+                tok, lp, ent = self.sample(rows)
+                feed = [
+                    self.engine.pad_id if r.done else self._take(r, int(tok[j]), float(lp[j]), float(ent[j]))
+                    for j, r in enumerate(rows)
+                ]
+            if not self.step.any(not all(r.done for r in rows)):  # collective: self.step.group
                 break
+            if not rows:
+                self.idle_forward()
+                continue
             out = self.forward(torch.tensor(feed)[:, None], a)[:, -1]
             self.engine.stats["decode_tokens"] += len(rows)
             for j, r in enumerate(rows):
@@ -254,7 +221,7 @@ class _Bucket:
         self.prefill()
         for n in range(cfg.num_segments):
             active = [r for r in self.rows if not r.done]
-            if not active:
+            if not self.step.any(bool(active)):  # collective: self.step.group
                 break
             start_pos = self.cache.length  # every active row is at this position
             for r in active:
@@ -271,8 +238,11 @@ class _Bucket:
             erase, thetas, stats = self.policy.decide(
                 [r.u for r in active], groups, [r.erasures for r in active], hist
             )
-            while any(erase):
+            while self.step.any(any(erase)):  # collective: self.step.group
                 todo = [r for r, e in zip(active, erase) if e]
+                if not todo:  # another rank regenerates: step with it
+                    self.decode_segment(0, 0)
+                    continue
                 for r, e, th in zip(active, erase, thetas):
                     if not e:
                         continue
@@ -312,24 +282,37 @@ def generate_erasable(
     params: SamplingParams,
     policy: E3RLPolicy,
     record_routing: bool = True,
+    keys: list[tuple[int, ...]] | None = None,
 ) -> list[Generation]:
     """Sample one erasable rollout per prompt (repeat a prompt G times, with one group id, for a group).
-    `params.max_new_tokens` is ignored: the length cap is segment_len * num_segments."""
+    `params.max_new_tokens` is ignored: the length cap is segment_len * num_segments. `keys` as for
+    `Engine.generate`; a token's uniform is keyed by (params.seed, *keys[i], position, erasures so far),
+    so a regenerated segment draws fresh randomness and a rollout without erasures is the plain one.
+    Ranks of `engine.lockstep` call this together (see `Engine.generate`); none may hold no prompt."""
     if len(prompts) != len(groups):
         raise ValueError(f"generate_erasable: {len(prompts)} prompts but {len(groups)} group ids")
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_erasable: every prompt needs at least one token")
+    keys = [(i,) for i in range(len(prompts))] if keys is None else [tuple(k) for k in keys]
     t0 = time.perf_counter()
     was_training = engine.model.training
     engine.model.eval()
-    gen = engine.generator(params)
-    rows = [_Row(list(p), g) for p, g in zip(prompts, groups)]
+    seed = engine.seed_of(params)
+    rows = [_Row(list(p), g, k) for p, g, k in zip(prompts, groups, keys)]
     buckets = []
     mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
+    mb = engine.max_batch
+    n_buckets = engine.lockstep.max(-(-len(rows) // mb))  # collective: engine.lockstep.group
+    align = Lockstep.world().max(max((len(p) for p in prompts), default=1))  # collective: world
     try:
         with mode:
-            for k in range(0, len(rows), engine.max_batch):
-                bucket = _Bucket(engine, rows[k : k + engine.max_batch], params, policy, gen, record_routing)
+            for k in range(n_buckets):
+                part = rows[k * mb : (k + 1) * mb]
+                # a rank with fewer buckets steps with a finished placeholder row
+                bucket = _Bucket(
+                    engine, part or [_Row([engine.pad_id], -1, (0,), done=True)], params, policy, seed,
+                    record_routing and bool(part), align,
+                )  # fmt: skip
                 bucket.run()
                 buckets.append(bucket)
     finally:

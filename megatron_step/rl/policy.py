@@ -22,20 +22,24 @@ from __future__ import annotations
 import time
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_step.platform import to_device
 from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.engine import router_replays
+from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
 from megatron_step.training.step import train_step
 
 
-def pack(items: list[dict], pad_id: int = 0, replay: bool = True) -> dict:
+def pack(items: list[dict], pad_id: int = 0, replay: bool = True, multiple_of: int = 1) -> dict:
     """items: dicts with prompt_ids, response_ids, and optionally rollout_logp (per response token),
-    advantage, routing (per layer (n, K) as Generation.routing). Returns the batch described above."""
+    advantage, routing (per layer (n, K) as Generation.routing). Returns the batch described above,
+    S rounded up to a multiple of `multiple_of` (sequence parallelism splits S over the TP ranks)."""
     seqs = [list(it["prompt_ids"]) + list(it["response_ids"]) for it in items]
     b, s = len(seqs), max(len(x) for x in seqs) - 1
+    s = -(-s // multiple_of) * multiple_of
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
     labels = torch.full((b, s), pad_id, dtype=torch.long)
     mask = torch.zeros(b, s)
@@ -95,7 +99,11 @@ def set_replay(model, routing: list[torch.Tensor] | None) -> None:
         return
     if len(routing) != len(replays):
         raise ValueError(f"routing has {len(routing)} layers, the model {len(replays)} MoE routers")
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    shard = tp > 1 and model.config.sequence_parallel
     for r, idx in zip(replays, routing):
+        if shard:  # with sequence parallelism each TP rank routes its S / tp positions: rows s-major
+            idx = idx.chunk(tp, 0)[ps.get_tensor_model_parallel_rank()]
         r.set_target_indices(idx)
         r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
@@ -122,6 +130,8 @@ def make_forward_step(cfg: PolicyLossConfig):
         logp = token_logp(model, batch)
 
         def loss_func(logp_BS):
+            if batch.get("padding"):  # see PolicyUpdate: a zero loss, no metrics
+                return (logp_BS * 0.0).sum(), {}
             loss, metrics = policy_loss(
                 logp_BS,
                 batch["old_logp"],
@@ -151,6 +161,24 @@ class PolicyUpdate:
         self.forward_step = make_forward_step(loss)
         self.mbs, self.replay = micro_batch_size, replay
         self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
+        self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
+        self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
+
+    def padding(self, micro: list[dict]) -> dict:
+        """A microbatch that trains nothing (mask and advantages 0, loss 0, no metrics): run by a rank
+        with fewer microbatches than another of its lockstep group -- failed rewards are not trained
+        on, so counts differ -- because every forward of an EP / TP / PP model is collective. The
+        schedule still divides by the padded count: such a rank's rollouts weigh n_real / n_padded."""
+        if micro:
+            b = {k: v.clone() if torch.is_tensor(v) else v for k, v in micro[0].items()}
+            b.pop("routing", None)  # route freely: nothing is trained on it
+        else:  # every rollout of this rank failed: two padding tokens
+            b = pack([{"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}])
+            b = to_device(b)
+        b["mask"] = torch.zeros_like(b["mask"])
+        b["advantages"] = torch.zeros_like(b["advantages"])
+        b["padding"] = True
+        return b
 
     def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
         """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
@@ -173,10 +201,16 @@ class PolicyUpdate:
             for j, r in enumerate(grp)
             if not r.reward_failed  # a failed reward scores 0 in its group's statistics but is not trained on
         ]
+        module = self.chunks[0].module
+        tp = ps.get_tensor_model_parallel_world_size() if module.config.sequence_parallel else 1
         micro = [
-            to_device(pack(items[i : i + self.mbs], replay=self.replay))
+            to_device(pack(items[i : i + self.mbs], replay=self.replay, multiple_of=tp))
             for i in range(0, len(items), self.mbs)
         ]
+        n_real = len(micro)
+        n = self.lockstep.max(n_real)  # collective: self.lockstep.group
+        micro += [self.padding(micro) for _ in range(n - n_real)]
+        self.padded += n - n_real
         t0 = time.perf_counter()
         with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
             for b in micro:
@@ -194,6 +228,7 @@ class PolicyUpdate:
                 "train/grad_norm": float(result.grad_norm or 0.0),
                 "train/tokens_per_sec": n_tok / dt,
                 "train/skipped_iterations": float(self.skipped),
+                "policy/padding_microbatches": float(self.padded),
             }
         )
         return metrics

@@ -3,14 +3,21 @@ engine (plain or E3RL erasable), rewards from the isolated worker pool (plus the
 when configured), and the `Rollout` records the policy update trains on.
 
     sampler = RolloutSampler(cfg.rl, task, tokenizer, engine, runner, seed=1234, run_dir="runs/rl")
-    batch = sampler.generate(version=0, group_base=0)     # prompts -> responses (KV cache)
+    batch = sampler.generate(version=0, step=0)            # prompts -> responses (KV cache)
     groups, stats = sampler.score(batch)                   # rewards -> [[Rollout] * G] * per_rank
+
+Layout independence: every rank draws the step's `rl.prompts_per_step` problems from one shared
+stream and takes its slice; prompt group ids are global (step x prompts_per_step + index), and each
+response's randomness is keyed by (seed, policy version, group id, sample index, position), so the
+same step gives the same rollouts under any TP / EP / DP layout and DP ranks are decorrelated
+(megatron_step.rl.lockstep). Generation calls are collective over the engine's lockstep group.
 
 The held-out evaluation (greedy and sampled accuracy) is `Evaluator`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +36,7 @@ from megatron_step.rl.config import RLConfig
 from megatron_step.rl.engine import Engine, Generation, SamplingParams
 from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.erasure_credit import attention_shares, erasure_stats, segment_advantages
+from megatron_step.rl.lockstep import mix_seed
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.tasks import Task
 
@@ -87,9 +95,14 @@ class RolloutSampler:
         # worked solutions (both are train-split problems; held-out stays unseen)
         self.pool = task.train(POOL_SIZE, seed + 29)
         dp, rank = _dp()
-        self.rank = rank
-        self.rng = random.Random(seed * 1000 + rank)
-        self.per_rank = max(1, rl.prompts_per_step // dp)
+        if rl.prompts_per_step % dp:
+            raise ValueError(
+                f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the data-parallel size "
+                f"{dp}: every DP rank takes an equal share of each step's prompts"
+            )
+        self.rank, self.seed = rank, seed
+        self.rng = random.Random(seed * 1000)  # one stream on every rank: the step's prompts are global
+        self.per_rank = rl.prompts_per_step // dp
         self.failed = 0  # reward calls that failed (raised, timed out, crashed)
         self.tokens_sampled = 0  # every sampled token, erased ones included (the rollout budget)
         self.e3rl = E3RLPolicy(rl.e3rl) if rl.rollout == "e3rl" else None
@@ -101,17 +114,23 @@ class RolloutSampler:
         return self.tok.decode([i for i in ids if i != self.tok.eos])
 
     # -- generation ------------------------------------------------------------------------------------
-    def generate(self, version: int, group_base: int) -> RolloutBatch:
-        """`per_rank` problems x G responses with the current engine weights."""
+    def generate(self, version: int, step: int) -> RolloutBatch:
+        """This rank's `per_rank` problems of rollout batch `step` x G responses with the current
+        engine weights. Every rank calls it once per batch, in order (the prompt stream is shared)."""
         g = self.rl.group_size
-        chosen = [self.rng.choice(self.pool) for _ in range(self.per_rank)]
+        step_problems = [self.rng.choice(self.pool) for _ in range(self.rl.prompts_per_step)]
+        first = self.rank * self.per_rank
+        chosen = step_problems[first : first + self.per_rank]
+        group_base = step * self.rl.prompts_per_step + first
         prompts = [self.encode_prompt(p) for p in chosen for _ in range(g)]
+        groups = [group_base + i // g for i in range(len(prompts))]
+        keys = [(grp, i % g) for i, grp in enumerate(groups)]  # (prompt group id, sample index)
+        params = dataclasses.replace(self.params, seed=mix_seed(self.seed, version))
         t0 = time.perf_counter()
         if self.e3rl is None:
-            gens = self.engine.generate(prompts, self.params)
+            gens = self.engine.generate(prompts, params, keys=keys)
         else:
-            groups = [group_base + i // g for i in range(len(prompts))]
-            gens = generate_erasable(self.engine, prompts, groups, self.params, self.e3rl)
+            gens = generate_erasable(self.engine, prompts, groups, params, self.e3rl, keys=keys)
         seconds = time.perf_counter() - t0
         scales = None
         if self.e3rl is not None and self.e3rl.cfg.advantage_rule != "uniform":
@@ -183,9 +202,9 @@ class RolloutSampler:
         self.failed += int(stats["rl/reward_failed"])
         return group_rollouts(rollouts), stats
 
-    def sample(self, version: int, group_base: int) -> tuple[list[list[Rollout]], dict[str, float]]:
+    def sample(self, version: int, step: int) -> tuple[list[list[Rollout]], dict[str, float]]:
         """generate + score."""
-        return self.score(self.generate(version, group_base))
+        return self.score(self.generate(version, step))
 
     def _log_erasures(self, batch: RolloutBatch, correct) -> None:
         """Every erased segment, as text, to <run_dir>/erasures.rank<R>.jsonl: what was cut out, its
@@ -226,7 +245,8 @@ class Evaluator:
         quantity RL optimises; None at 0."""
         r, s = self.rl, self.sampler
         dp, rank = _dp()
-        mine = self.heldout[rank::dp]
+        ids = list(range(len(self.heldout)))[rank::dp]  # shards may differ by one problem: the engine
+        mine = [self.heldout[i] for i in ids]  # keeps the ranks in step (Engine.generate)
         prompts = [s.encode_prompt(p) for p in mine]
 
         def hits(gens, problems) -> int:
@@ -246,7 +266,10 @@ class Evaluator:
                 seed=0,
             )
             sampled = self.engine.generate(
-                [p for p in prompts for _ in range(k)], params, record_routing=False
+                [p for p in prompts for _ in range(k)],
+                params,
+                record_routing=False,
+                keys=[(i, j) for i in ids for j in range(k)],  # (held-out problem, sample): any layout
             )
             counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)]), k * len(mine)]
         t = torch.tensor(counts, dtype=torch.float64)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
+import torch.distributed as dist
 
 from megatron_step.data.tokenizer import StepTokenizer
 from megatron_step.rl.config import RLConfig
@@ -59,12 +61,19 @@ def sft_config(cfg, run_dir: str):
     """The warm-up's run config from the RL run's (same model, layout, data; the rl.sft_* steps,
     batch and LR; resumable, saved at its end only)."""
     r = cfg.rl
+    dp = cfg.parallel.dp(dist.get_world_size() if dist.is_initialized() else 1)
+    if r.sft_global_batch_size % dp:
+        raise ValueError(
+            f"rl.sft_global_batch_size={r.sft_global_batch_size} is not divisible by the data-parallel "
+            f"size {dp}: the warm-up splits each batch evenly over the DP ranks"
+        )
     sft = copy.deepcopy(cfg)
     sft.train = dataclasses.replace(
         cfg.train,
         steps=r.sft_steps,
         global_batch_size=r.sft_global_batch_size,
-        micro_batch_size=min(cfg.train.micro_batch_size, r.sft_global_batch_size),
+        # the RL micro-batch size, capped at one DP rank's share of the warm-up batch
+        micro_batch_size=math.gcd(cfg.train.micro_batch_size, r.sft_global_batch_size // dp),
         run_dir=run_dir,
         resume=True,
         exit_after=None,

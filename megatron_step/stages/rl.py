@@ -13,9 +13,14 @@ in a background thread (megatron_step.rl.async_gen) while the trainer updates; a
 the trainer copies its weights into the replica (the weight sync, timed) and the rollout buffer
 drops groups more than `rl.max_staleness` versions old.
 
-Data parallelism: each DP rank generates, scores and trains on its own share of the prompts; the
-gradient all-reduce is Megatron-Core's. Metrics are averaged over DP ranks (staleness/max is the
-maximum). PP must be 1 (the engine runs the whole model on each rank).
+Layouts: each DP rank generates, scores and trains on its own share of each step's prompts (chosen
+from one stream shared by all ranks, sampled with keyed randomness: the rollouts do not depend on the
+layout); the gradient all-reduce is Megatron-Core's. Under TP / EP the ranks joined by a forward's
+collectives stay in lockstep -- the same number of decode steps, generation chunks and update
+microbatches (megatron_step.rl.lockstep). Metrics are averaged over DP ranks (staleness/max is the
+maximum). Not yet: PP (the engine runs the whole model on each rank), the async loop under TP / EP
+(its generation thread would interleave collectives with the trainer's), the preference reward model
+under TP / EP (it is built and loaded at tp = ep = 1); each is refused at start.
 
 The pieces: megatron_step.rl.tasks (prompts), rl.rollouts (sampling, scoring, held-out accuracy),
 rl.reward_pool (isolated rewards), rl.policy (the update), rl.sft (the warm-up's data; its run is
@@ -149,7 +154,7 @@ def _run_sync(run: _Run) -> None:
     """Generate with the trainer's own weights, score, update: every group is from the current version."""
     for step in range(run.cfg.train.steps):
         t0 = time.perf_counter()
-        batch = run.sampler.generate(run.version, step * run.sampler.per_rank)  # prompts -> responses
+        batch = run.sampler.generate(run.version, step)  # prompts -> responses
         groups, stats = run.sampler.score(batch)  # rewards (worker pool) -> prompt groups
         metrics = {**run.update(groups), **stats}  # one optimizer step
         run.version += 1  # the engine holds the trainer's module: nothing to copy
@@ -183,16 +188,31 @@ def _run_async(run: _Run, replica) -> None:
         gen.close()
 
 
+def _check_layout(cfg: RLRunConfig) -> None:
+    """Refuse, at start, the layouts the RL stage cannot run yet (see the module docstring)."""
+    p, r = cfg.parallel, cfg.rl
+    if p.pp != 1:
+        raise ValueError(f"parallel.pp={p.pp}: RL generation needs the whole model on each rank (pp=1)")
+    mp = {k: v for k, v in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)) if v > 1}
+    if mp and r.async_mode:
+        raise ValueError(
+            f"rl.async_mode=true with parallel {mp}: the async generation thread would run model-parallel "
+            "collectives beside the trainer's; use rl.async_mode=false (sync) under TP / EP"
+        )
+    if mp and r.reward_model:
+        raise ValueError(
+            f"rl.reward_model={r.reward_model!r} with parallel {mp}: the reward model is built at "
+            "tp = ep = 1 and cannot load in this layout; drop parallel.tp/ep or the reward model"
+        )
+
+
 def train_rl(cfg: RLRunConfig) -> dict:
     """Run the RL stage per `cfg`; returns {"accuracy": [(step, greedy held-out accuracy)],
     "accuracy_sampled", "reward": [(step, mean reward)], "staleness" (per trained group),
     "tokens_sampled": [(step, tokens)], "reward_failures", "run_dir"}."""
     t, r = cfg.train, cfg.rl
+    _check_layout(cfg)
     env = platform.setup(cfg.parallel, seed=t.seed)
-    if cfg.parallel.pp != 1:
-        raise ValueError(
-            f"parallel.pp={cfg.parallel.pp}: the colocated engine runs the whole model per rank (pp=1)"
-        )
     tokenizer, task = run_tokenizer(cfg.data), make_task(r)
     init_from = warm_start(cfg, task, tokenizer)
     env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran

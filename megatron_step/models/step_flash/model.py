@@ -86,7 +86,9 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=cfg.bf16,
         mtp_num_layers=cfg.mtp_num_layers or None,
-        mtp_loss_scaling_factor=1.0,  # per-depth weights applied by weight_mtp_depths
+        # per-depth weights applied by weight_mtp_depths; all weights 0 (RL): the MTP losses scaled to
+        # exactly 0, so they train nothing -- not even the output layer they share with the main head
+        mtp_loss_scaling_factor=1.0 if any(cfg.mtp_loss_weights) else 0.0,
         use_cpu_initialization=not caps.cuda,
         **parallel.transformer_kwargs(),
         **moe,
@@ -139,7 +141,7 @@ def build_step_flash(
         mtp_block_spec=get_mtp_block_spec(cfg, n_mtp, use_te),
         vp_stage=vp_stage,
     )
-    if getattr(model, "mtp_process", False):
+    if getattr(model, "mtp_process", False) and any(cfg.mtp_loss_weights):
         weight_mtp_depths(model.mtp, cfg.mtp_loss_weights, base_scale=1.0 / cfg.mtp_num_layers)
     if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
         # Megatron-Core's own layers allocate on the current device, but some parameters are made
