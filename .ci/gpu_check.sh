@@ -5,8 +5,11 @@
 #   ONLY="gpu_tests mmrpt" bash .ci/gpu_check.sh    # just those steps
 # 1. the tests marked `gpu` (FP8/TE ones skip when Transformer Engine is absent, saying so);
 # 2. pretraining of the tiny preset on the GPU in bf16 (NCCL, no CPU patches);
-# 3. RL on the GPU: warm-up, then E3RL rollouts + MIS-PO updates, held-out eval;
-# 4. the rollout benchmarks on the GPU (E3RL overhead; ours vs transformers generate());
+# 3. RL on the GPU: warm-up, then E3RL rollouts + MIS-PO updates, held-out eval; then plain sync RL
+#    steps from that warm-up (the engine with keyed sampling and length buckets). One GPU only: the
+#    multi-rank paths (Lockstep's all-reduces, SP off for decode, padding microbatches) are the same
+#    code the gloo tests run (tests/rl/test_rl_layouts.py); on NCCL their tensors live on the GPU;
+# 4. the rollout benchmarks on the GPU (E3RL overhead; ragged prompts, one batch vs length buckets);
 # 5. MMRPT on the GPU in bf16: shards, caption warm-up, MMRPT steps, held-out eval (DALI decodes on the
 #    GPU when it is installed, else the webdataset reader is used).
 set -uo pipefail
@@ -40,7 +43,11 @@ step pretrain 150 $PY pretrain/pretrain_step.py --config examples/tiny/tiny.yaml
 step rl_e3rl 190 $PY posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.sft_steps=60 \
     train.steps=6 train.eval_interval=3 rl.rollout=e3rl train.run_dir="$WORK/rl" rl.init_from="$WORK/rl/sft" \
     data.data_dir="$WORK/data"
+step rl_sync 120 $PY posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.sft_steps=60 \
+    train.steps=4 train.eval_interval=4 train.run_dir="$WORK/rl_sync" rl.init_from="$WORK/rl/sft" \
+    data.data_dir="$WORK/data"
 step e3rl_overhead 80 $PY -m benchmarks.e3rl_overhead
+step rollout_compare 150 $PY -m benchmarks.rollout_compare
 step mmrpt 200 $PY pretrain/pretrain_mmrpt.py --config examples/mmrpt/mmrpt_tiny.yaml mmrpt.scenes=400 \
     mmrpt.heldout_scenes=32 mmrpt.warmup_steps=60 train.steps=4 mmrpt.eval_interval=2 model.bf16=true \
     train.run_dir="$WORK/mmrpt" mmrpt.init_from="$WORK/mmrpt/warmup" mmrpt.data_dir="$WORK/mmrpt_data"

@@ -33,7 +33,7 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-from benchmarks import e3rl_overhead, gen_compare, wds_throughput
+from benchmarks import e3rl_overhead, gen_compare, rollout_compare, wds_throughput
 from benchmarks.hf_compare import compare, format_table
 from megatron_step import platform
 from megatron_step.models.gpt_local import LocalGPTConfig, build_local_gpt
@@ -188,6 +188,8 @@ def main(argv=None):
 
     r = run_distributed(e3rl_overhead.body, 1, dict(e3rl_overhead.DEFAULTS))[0]
     print("\n" + e3rl_overhead.format_table(r))
+
+    print("\n" + rollout_compare.format_table(run_distributed(rollout_compare.body, 1)[0]))
 
     print("\n" + wds_throughput.format_table(wds_throughput.run(samples=500, epochs=2)))
 

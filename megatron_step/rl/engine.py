@@ -17,7 +17,11 @@ Prompts of different lengths (Megatron-Core's static-batching scheme, no attenti
 the shortest prompt length is prefilled for the whole batch, then every step feeds one position
 per sequence -- the prompt's own token while a sequence is still inside its prompt, the sampled one
 after. The cache is shared by the batch (one length), so `truncate` rolls the whole batch back;
-sequences that must keep their tokens are re-fed them (teacher forcing), as prompts are.
+sequences that must keep their tokens are re-fed them (teacher forcing), as prompts are. So that a
+spread of prompt lengths does not cost a decode step per token of it, `generate` runs length
+buckets (`Engine.buckets`: sorted by length, a new bucket past `prompt_spread` tokens of spread),
+each prefilled in one pass up to its shortest prompt; a bucket ends as soon as all its rows are done.
+Finished rows are not refilled (the shared cache length does not allow it).
 
 Randomness and layouts (megatron_step.rl.lockstep): a sampled token is drawn by inverse CDF from a
 uniform keyed by (params.seed, the row's key, position, attempt) -- no generator state, so rollouts do
@@ -32,7 +36,6 @@ RL so that it is the trainer's own π). Shapes: B sequences, S positions, V voca
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -131,9 +134,16 @@ class Engine:
     """Generation over `model` (a Megatron-Core GPTModel chunk holding the whole model: PP=1). The
     engine holds a reference, not a copy: the trainer's updates are what it samples from."""
 
-    def __init__(self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256, lockstep=None):
+    def __init__(
+        self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256, lockstep=None, prompt_spread=None
+    ):
         self.model = model
         self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
+        # prompts are generated in length buckets whose longest prompt exceeds the shortest by at most
+        # this many tokens (each extra token is one teacher-forced decode step for the whole bucket);
+        # None: the call's max_new_tokens (a bucket costs ~ spread + max_new_tokens steps, so splitting
+        # pays once the spread alone exceeds a bucket's decode); math.inf: one bucket (no split)
+        self.prompt_spread = prompt_spread
         # ranks whose forwards are joined by collectives agree on every loop exit (rl.lockstep)
         self.lockstep = Lockstep.for_model() if lockstep is None else lockstep
         self.replays = router_replays(model)
@@ -264,13 +274,29 @@ class Engine:
         keys = [(i,) for i in range(len(prompts))] if keys is None else [tuple(k) for k in keys]
         if len(keys) != len(prompts):
             raise ValueError(f"Engine.generate: {len(prompts)} prompts but {len(keys)} keys")
-        seed, mb = self.seed_of(params), self.max_batch
-        chunks = self.lockstep.max(math.ceil(len(prompts) / mb))  # collective: self.lockstep.group
-        out: list[Generation] = []
-        for c in range(chunks):
-            part = slice(c * mb, (c + 1) * mb)
-            imgs = None if images is None else images[part]
-            out += self._generate_chunk(prompts[part], params, seed, keys[part], record_routing, imgs)
+        seed = self.seed_of(params)
+        buckets = self.buckets([len(p) for p in prompts], params.max_new_tokens)
+        n = self.lockstep.max(len(buckets))  # collective: self.lockstep.group
+        out: list[Generation | None] = [None] * len(prompts)
+        for c in range(n):
+            idx = buckets[c] if c < len(buckets) else []  # a rank with fewer buckets steps idle
+            imgs = None if images is None or not idx else images[idx]
+            part = [prompts[i] for i in idx]
+            for i, g in zip(
+                idx, self._generate_chunk(part, params, seed, [keys[i] for i in idx], record_routing, imgs)
+            ):
+                out[i] = g
+        return out
+
+    def buckets(self, lengths: list[int], max_new_tokens: int) -> list[list[int]]:
+        """Prompt indices grouped for generation: sorted by length, a new bucket whenever the spread
+        would exceed `prompt_spread` (see __init__) or the bucket holds `max_batch` prompts."""
+        spread = max_new_tokens if self.prompt_spread is None else self.prompt_spread
+        out: list[list[int]] = []
+        for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+            if not out or len(out[-1]) == self.max_batch or lengths[i] - lengths[out[-1][0]] > spread:
+                out.append([])
+            out[-1].append(i)
         return out
 
     def _generate_chunk(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
