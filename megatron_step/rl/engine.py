@@ -135,7 +135,14 @@ class Engine:
     engine holds a reference, not a copy: the trainer's updates are what it samples from."""
 
     def __init__(
-        self, model, eos_id: int, pad_id: int = 0, max_batch: int = 256, lockstep=None, prompt_spread=None
+        self,
+        model,
+        eos_id: int,
+        pad_id: int = 0,
+        max_batch: int = 256,
+        lockstep=None,
+        prompt_spread=None,
+        across_ranks=None,
     ):
         self.model = model
         self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
@@ -146,6 +153,9 @@ class Engine:
         self.prompt_spread = prompt_spread
         # ranks whose forwards are joined by collectives agree on every loop exit (rl.lockstep)
         self.lockstep = Lockstep.for_model() if lockstep is None else lockstep
+        # what must not depend on how prompts are spread over ranks (E3RL's segment alignment) is
+        # agreed over every rank; an engine driven from a thread (async RL) passes Lockstep(None)
+        self.across_ranks = Lockstep.world() if across_ranks is None else across_ranks
         self.replays = router_replays(model)
         self.has_mtp = bool(getattr(model, "mtp_process", False))
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}

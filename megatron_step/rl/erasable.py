@@ -47,7 +47,6 @@ from megatron.core.inference.utils import InferenceMode
 
 from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
 from megatron_step.rl.erasure_policy import E3RLPolicy
-from megatron_step.rl.lockstep import Lockstep
 
 
 @dataclass
@@ -303,7 +302,8 @@ def generate_erasable(
     mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
     mb = engine.max_batch
     n_buckets = engine.lockstep.max(-(-len(rows) // mb))  # collective: engine.lockstep.group
-    align = Lockstep.world().max(max((len(p) for p in prompts), default=1))  # collective: world
+    # collective: engine.across_ranks (the world group unless the engine runs in a thread)
+    align = engine.across_ranks.max(max((len(p) for p in prompts), default=1))
     try:
         with mode:
             for k in range(n_buckets):

@@ -40,6 +40,7 @@ from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
 from megatron_step.rl.engine import Engine
+from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.policy import PolicyUpdate
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
@@ -246,7 +247,12 @@ def train_rl(cfg: RLRunConfig) -> dict:
             replica = build_step_flash(
                 dataclasses.replace(model, mtp_num_layers=0, mtp_loss_weights=[]), cfg.parallel
             )
-            sampler.engine = Engine(replica, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+            # driven from the generation thread: no collective (async runs are DP-only, see
+            # _check_layout), not even E3RL's alignment across ranks -- it would race the trainer's
+            alone = Lockstep(None)
+            sampler.engine = Engine(
+                replica, eos_id=tokenizer.eos, pad_id=tokenizer.pad, lockstep=alone, across_ranks=alone
+            )
             _run_async(run, replica)
     finally:
         runner.close()

@@ -85,10 +85,10 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _build(parallel_kw: dict, weights: str, save: bool):
+def _build(parallel_kw: dict, weights: str, save: bool, optim: str = "adam"):
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=SEED)
-    chunks, opt, sched = build_model_and_optimizer(_model_cfg(), parallel, _optim(), steps=1)
+    chunks, opt, sched = build_model_and_optimizer(_model_cfg(), parallel, _optim(optim), steps=1)
     if save:
         _save(chunks[0].module, weights)
     else:
@@ -115,8 +115,9 @@ def _dp_gather(local: list) -> list:
 
 def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
-    weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss."""
-    chunks, opt, sched = _build(parallel_kw, weights, save)
+    weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
+    kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)."""
+    chunks, opt, sched = _build(parallel_kw, weights, save, "macro" if kind == "macro" else "adam")
     module = chunks[0].module
     engine = Engine(module, eos_id=EOS)
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -175,7 +176,7 @@ def full_weights(rank, world_size, run_dirs):
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_layouts")
     refs = {}
-    for kind in ("plain", "e3rl"):
+    for kind in ("plain", "e3rl", "macro"):
         weights, out = str(root / "weights"), str(root / f"ref_{kind}")
         (res,) = run_distributed(rollouts_and_update, 1, {}, weights, out, kind == "plain", kind)
         refs[kind] = {"res": res, "out": out}
@@ -411,3 +412,13 @@ def test_length_buckets_give_the_one_batch_rollouts_in_fewer_steps():
     assert r["buckets"]["tokens"] == r["one"]["tokens"]
     assert r["buckets"]["routing"] == r["one"]["routing"]
     assert r["buckets"]["steps"] < r["one"]["steps"] / 2, (r["buckets"]["steps"], r["one"]["steps"])
+
+
+@pytest.mark.parametrize("kw", [{}, {"ep": 2}], ids=["dp2", "ep2"])
+def test_macro_in_the_layer_wise_optimizer_updates_as_one_process(kw, reference, tmp_path):
+    """One RL update with MACRO (Frobenius sphere; whole matrices per DP rank in Megatron-Core's
+    LayerWiseDistributedOptimizer, expert matrices in the expert-parallel groups) equals one process."""
+    want = reference["macro"]["res"]
+    got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "macro")[0]
+    _same_rollouts(got, want, "sampled")
+    _same_weights(reference, "macro", str(tmp_path))
