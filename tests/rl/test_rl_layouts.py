@@ -422,3 +422,31 @@ def test_macro_in_the_layer_wise_optimizer_updates_as_one_process(kw, reference,
     got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "macro")[0]
     _same_rollouts(got, want, "sampled")
     _same_weights(reference, "macro", str(tmp_path))
+
+
+def uneven_work(rank, world_size, parallel_kw, weights):
+    """Rank 0 holds every prompt (two length buckets), rank 1 none: rank 1 must step with it through
+    placeholder chunks (plain) and a placeholder bucket (E3RL)."""
+    chunks, _, _ = _build(parallel_kw, weights, False)
+    engine = Engine(chunks[0].module, eos_id=EOS)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 512, (n,), generator=g).tolist() for n in (3, 30, 4)]
+    mine = prompts if ps.get_data_parallel_rank() == 0 else []
+    keys = [(i, 0) for i in range(len(mine))]
+    plain = engine.generate(mine, SamplingParams(max_new_tokens=6, seed=3), keys=keys)
+    ecfg = E3RLConfig(segment_len=3, num_segments=2, threshold_std=0.0, max_erasures=1)
+    erased = generate_erasable(
+        engine, mine, [i for i, _ in keys], SamplingParams(seed=3), E3RLPolicy(ecfg), keys=keys
+    )
+    return [
+        [x.response_ids for x in plain],
+        [x.response_ids for x in erased],
+        len(engine.buckets([3, 30, 4], 6)),
+    ]
+
+
+def test_a_rank_without_prompts_keeps_stepping_under_ep2(reference):
+    (want,) = run_distributed(uneven_work, 1, {}, reference["weights"])
+    got = run_distributed(uneven_work, 2, {"ep": 2}, reference["weights"])
+    assert want[2] == 2  # two buckets on rank 0, none on rank 1
+    assert got[0] == want and got[1][:2] == [[], []]
