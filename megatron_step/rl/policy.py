@@ -164,7 +164,7 @@ class PolicyUpdate:
         self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
         self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
 
-    def padding(self, micro: list[dict]) -> dict:
+    def padding(self, micro: list[dict], multiple_of: int = 1) -> dict:
         """A microbatch that trains nothing (mask and advantages 0, loss 0, no metrics): run by a rank
         with fewer microbatches than another of its lockstep group -- failed rewards are not trained
         on, so counts differ -- because every forward of an EP / TP / PP model is collective. The
@@ -173,8 +173,8 @@ class PolicyUpdate:
             b = {k: v.clone() if torch.is_tensor(v) else v for k, v in micro[0].items()}
             b.pop("routing", None)  # route freely: nothing is trained on it
         else:  # every rollout of this rank failed: two padding tokens
-            b = pack([{"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}])
-            b = to_device(b)
+            item = {"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}
+            b = to_device(pack([item], multiple_of=multiple_of))
         b["mask"] = torch.zeros_like(b["mask"])
         b["advantages"] = torch.zeros_like(b["advantages"])
         b["padding"] = True
@@ -209,7 +209,7 @@ class PolicyUpdate:
         ]
         n_real = len(micro)
         n = self.lockstep.max(n_real)  # collective: self.lockstep.group
-        micro += [self.padding(micro) for _ in range(n - n_real)]
+        micro += [self.padding(micro, tp) for _ in range(n - n_real)]
         self.padded += n - n_real
         t0 = time.perf_counter()
         with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
