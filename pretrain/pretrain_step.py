@@ -52,10 +52,11 @@ def main(argv=None) -> dict | None:
     finally:
         platform.teardown()
     if result["losses"]:
+        val = result["val_loss"]  # None when no validation ran (train.eval_interval=0 and an early stop)
         print(
             f"done: steps {result['start'] + 1}-{result['start'] + len(result['losses'])}, "
             f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}, "
-            f"validation loss {result['val_loss']:.4f}; run dir {result['run_dir']}"
+            f"validation loss {'-' if val is None else f'{val:.4f}'}; run dir {result['run_dir']}"
         )
     return result
 

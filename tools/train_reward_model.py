@@ -3,8 +3,9 @@ data, on the policy's backbone, starting from the RL run's initial checkpoint.
 
     # pairs for the embedded arithmetic task are generated when --pairs does not exist yet
     python tools/train_reward_model.py --config examples/rl/rl_tiny.yaml --pairs runs/rm/pairs.jsonl \
-        --out runs/rm/rm.pt --steps 200
-    # then: python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.reward_model=runs/rm/rm.pt
+        --out runs/rm/rm --steps 200
+    # then: python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.reward_model=runs/rm/rm
+    # (the RL run may use parallel.tp / parallel.ep: the backbone is resharded when it loads)
 
 Pairs file: JSON lines {"prompt", "chosen", "rejected"}; 10% (at least 32) are held out to report
 pairwise accuracy before and after training.
@@ -38,7 +39,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--pairs", required=True, help="pairs .jsonl (generated for the arithmetic task if absent)"
     )
-    ap.add_argument("--out", required=True, help="where to write the reward model (.pt)")
+    ap.add_argument(
+        "--out", required=True, help="the reward model's directory (backbone/ checkpoint + head.pt)"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
@@ -46,7 +49,12 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", help="section.field=value")
     args = ap.parse_args(argv)
     cfg = load_run_config(args.config, args.overrides, RLRunConfig)
-    platform.setup(cfg.parallel, seed=cfg.train.seed)
+    env = platform.setup(cfg.parallel, seed=cfg.train.seed)
+    if env.world_size > 1:
+        raise SystemExit(
+            f"tools/train_reward_model.py trains in one process (got {env.world_size} ranks): run it "
+            "with python, not torchrun; the RL run loads the result in its own layout"
+        )
     tok = run_tokenizer(cfg.data)
     if not os.path.exists(args.pairs):
         r = cfg.rl
@@ -75,7 +83,6 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     bar.close()
     after = rmod.pair_accuracy(rm, tok, held)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rm.save(args.out)
     print(
         f"held-out pairwise accuracy {before:.3f} -> {after:.3f} ({len(held)} pairs); "

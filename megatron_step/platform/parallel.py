@@ -75,6 +75,12 @@ class ParallelConfig:
             **self.initialize_kwargs(),
             sequence_parallel=bool(self.sequence_parallel),
             pipeline_model_parallel_layout=self.pipeline_layout,
+            # the interleaved schedule sends activations forward and gradients backward in one call;
+            # with pp = 2 both go to the same peer, and batched (batch_isend_irecv) they pair by posting
+            # order -- a gradient lands in the activation buffer (measured: wrong log-probs from the
+            # third microbatch on). Unbatched, Megatron-Core sends one direction on another
+            # communicator (as Megatron-LM runs VPP: overlap on, batching off).
+            batch_p2p_comm=not (self.vpp and self.vpp > 1),
         )
 
     def pipeline_layout_stages(self) -> int:

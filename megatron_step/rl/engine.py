@@ -28,6 +28,16 @@ uniform keyed by (params.seed, the row's key, position, attempt) -- no generator
 not depend on batching or on the layout -- and every loop exit is agreed over `Engine.lockstep`'s
 group, so ranks joined by a forward's collectives (TP, EP, ...) make the same forward calls.
 
+Pipeline parallelism (the engine is given every chunk of this rank: one, or one per virtual stage):
+a forward runs the chunks in pipeline order -- each stage receives the previous stage's hidden states
+(Megatron-Core's inference p2p helpers, `recv_from_prev_pipeline_rank_` / `send_to_next_pipeline_rank`,
+on the pipeline group; with VPP the ring wraps from the last rank to the first), runs its layers
+against its own KV cache (layer numbers are global, so one static cache holds every local chunk's
+layers) and sends on; the last stage alone has logits (other stages get a (B, S, 0) placeholder), samples,
+and broadcasts (token, log-prob, entropy) to the pipeline group (`Engine.sample`). Every stage then
+holds the same tokens and takes the same loop exits; routing is recorded per stage for the MoE layers
+it owns (the update replays it on the same stage).
+
 Log-probabilities: of the token under softmax(logits / temperature), before top-k / top-p
 truncation -- the policy the trainer models is the temperature-scaled one (use temperature 1.0 for
 RL so that it is the trainer's own π). Shapes: B sequences, S positions, V vocabulary, K top-k.
@@ -40,6 +50,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.communication_utils import (
+    recv_from_prev_pipeline_rank_,
+    send_to_next_pipeline_rank,
+)
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
@@ -126,13 +142,55 @@ class KVCache:
 
 
 def router_replays(model) -> list:
-    """The MoE layers' RouterReplay objects (Megatron-Core's routing capture / replay), in layer order."""
-    return [m.router_replay for m in model.modules() if getattr(m, "router_replay", None) is not None]
+    """The MoE layers' RouterReplay objects (Megatron-Core's routing capture / replay), in layer order.
+    `model`: one chunk, or this rank's chunks (virtual pipeline stages) in order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [
+        m.router_replay for c in chunks for m in c.modules() if getattr(m, "router_replay", None) is not None
+    ]
+
+
+def index_routers(chunks) -> list:
+    """Number this rank's routers across its chunks (`rank_index`): a rollout's routing is a list over
+    all of them, and each chunk's forward replays its own slice (rl.policy.set_replay)."""
+    replays = router_replays(list(chunks))
+    for i, r in enumerate(replays):
+        r.rank_index, r.rank_total = i, len(replays)
+    return replays
+
+
+def unwrap_chunks(model) -> list:
+    """The Megatron-Core model chunks of `model`: one module, or a list of them, DDP-wrapped or not."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return [getattr(c, "module", c) for c in chunks]
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(chunks):
+    """Sequence parallelism off for a forward that is not training (a decode step feeds one position,
+    which TP ranks cannot split; a reward model reads every position's hidden state), with
+    Megatron-Core's own switch, as its static text-generation controller does: under TP x EP the MoE
+    layers keep it (their token dispatcher relies on it; they all-gather the sequence before the
+    next layer)."""
+    chunks = unwrap_chunks(chunks)
+    cfg = chunks[0].config
+    if not cfg.sequence_parallel:
+        yield
+        return
+    exclude = [BaseMoELayer] if cfg.expert_model_parallel_size > 1 else None
+    for c in chunks:
+        set_model_to_sequence_parallel(c, False, exclude_modules=exclude)
+    try:
+        yield
+    finally:
+        for c in chunks:
+            set_model_to_sequence_parallel(c, True, exclude_modules=exclude)
 
 
 class Engine:
-    """Generation over `model` (a Megatron-Core GPTModel chunk holding the whole model: PP=1). The
-    engine holds a reference, not a copy: the trainer's updates are what it samples from."""
+    """Generation over `model`: this rank's Megatron-Core GPTModel chunk, or its chunks (a list, one
+    per virtual pipeline stage, DDP-wrapped or not). The engine holds references, not copies: the
+    trainer's updates are what it samples from."""
 
     def __init__(
         self,
@@ -144,7 +202,11 @@ class Engine:
         prompt_spread=None,
         across_ranks=None,
     ):
-        self.model = model
+        self.chunks = unwrap_chunks(model)
+        self.model = self.chunks[0]  # its config is the model's; `inference()` switches every chunk
+        self.config = self.model.config
+        self.pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        self.last_stage = bool(getattr(self.chunks[-1], "post_process", True))
         self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
         # prompts are generated in length buckets whose longest prompt exceeds the shortest by at most
         # this many tokens (each extra token is one teacher-forced decode step for the whole bucket);
@@ -156,10 +218,10 @@ class Engine:
         # what must not depend on how prompts are spread over ranks (E3RL's segment alignment) is
         # agreed over every rank; an engine driven from a thread (async RL) passes Lockstep(None)
         self.across_ranks = Lockstep.world() if across_ranks is None else across_ranks
-        self.replays = router_replays(model)
-        self.has_mtp = bool(getattr(model, "mtp_process", False))
+        self.replays = index_routers(self.chunks)
+        self.has_mtp = any(getattr(c, "mtp_process", False) for c in self.chunks)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         self.last_kv: dict[str, int] = {}  # KV-cache bytes of the last generate call (used, allocated)
 
     # -- low level: one forward through the cache ----------------------------------------------------
@@ -190,15 +252,8 @@ class Engine:
             if record:
                 r.set_router_replay_action(RouterReplayAction.RECORD)
         try:
-            with self._without_sequence_parallel():
-                logits = self.model(
-                    tokens_BS,
-                    pos,
-                    None,
-                    inference_context=cache.ctx,
-                    runtime_gather_output=True,
-                    **model_kwargs,
-                )
+            with sequence_parallel_off(self.chunks):
+                logits = self._run_chunks(tokens_BS, pos, cache.ctx, model_kwargs)
         finally:
             for r in self.replays:
                 r.clear_router_replay_action()
@@ -210,22 +265,41 @@ class Engine:
             )
         return logits.float()
 
+    def _run_chunks(self, tokens_BS, pos, ctx, model_kwargs) -> torch.Tensor:
+        """One forward through this rank's chunks in pipeline order (see the module docstring):
+        logits (B, S, V) on the last stage, a (B, S, 0) placeholder elsewhere."""
+        b, s = tokens_BS.shape
+        out = None
+        for chunk in self.chunks:
+            if not chunk.pre_process:  # hidden states (S, B, H) from the previous stage (p2p, PP group)
+                hidden = torch.empty(
+                    (s, b, self.config.hidden_size), dtype=self.config.pipeline_dtype or torch.float32,
+                    device=self.device,
+                )  # fmt: skip
+                recv_from_prev_pipeline_rank_(hidden)
+                chunk.set_input_tensor(hidden)
+            kw = model_kwargs if chunk.pre_process else {}
+            out = chunk(tokens_BS, pos, None, inference_context=ctx, runtime_gather_output=True, **kw)
+            if not chunk.post_process:
+                send_to_next_pipeline_rank(out.contiguous())  # p2p, PP group
+        if not self.last_stage:
+            return torch.empty((b, s, 0), device=self.device)
+        return out
+
     @contextlib.contextmanager
-    def _without_sequence_parallel(self):
-        """Sequence parallelism off for a generation forward (a decode step feeds one position, which
-        TP ranks cannot split), with Megatron-Core's own switch, as its static text-generation
-        controller does: under TP x EP the MoE layers keep it (their token dispatcher relies on it;
-        they all-gather the sequence before the next layer)."""
-        cfg = self.model.config
-        if not cfg.sequence_parallel:
-            yield
-            return
-        exclude = [BaseMoELayer] if cfg.expert_model_parallel_size > 1 else None
-        set_model_to_sequence_parallel(self.model, False, exclude_modules=exclude)
+    def inference(self):
+        """Every chunk in eval mode (restored after), and Megatron-Core's InferenceMode where the model
+        has MTP (GPTModel skips MTP while it is on). The flag is process-wide; a model without MTP does
+        not need it, which lets a generation thread run beside training."""
+        was_training = [c.training for c in self.chunks]
+        for c in self.chunks:
+            c.eval()
         try:
-            yield
+            with InferenceMode.active() if self.has_mtp else contextlib.nullcontext():
+                yield
         finally:
-            set_model_to_sequence_parallel(self.model, True, exclude_modules=exclude)
+            for c, t in zip(self.chunks, was_training):
+                c.train(t)
 
     @staticmethod
     def seed_of(params: SamplingParams) -> int:
@@ -235,6 +309,22 @@ class Engine:
         return int(torch.randint(0, 2**62, (1,)).item())
 
     # -- sampling ---------------------------------------------------------------------------------------
+    def sample(self, logits_BV: torch.Tensor, p: SamplingParams, seed: int, keys):
+        """`_sample` on the stage that has the logits; under PP the last stage samples and broadcasts
+        (token, logprob, entropy) to the pipeline group (one float64 (B, 3) broadcast: token ids are
+        exact in float64). Megatron-Core's `broadcast_from_last_pipeline_stage` would do, but asserts
+        CUDA tensors."""
+        if self.pp == 1:
+            return self._sample(logits_BV, p, seed, keys)
+        box = torch.empty((len(keys), 3), dtype=torch.float64, device=self.device)
+        if self.last_stage:
+            tok, lp, ent = self._sample(logits_BV, p, seed, keys)
+            box = torch.stack([tok.double(), lp.double(), ent.double()], 1).contiguous()
+        dist.broadcast(
+            box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+        return box[:, 0].long(), box[:, 1].float(), box[:, 2].float()
+
     @staticmethod
     def _sample(logits_BV: torch.Tensor, p: SamplingParams, seed: int, keys):
         """(token, logprob, entropy) per row, each (B,). `keys[b]`: row b's key (prompt id, sample
@@ -311,8 +401,6 @@ class Engine:
 
     def _generate_chunk(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
         t0 = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
         idle = not prompts  # this rank has nothing here but its group still steps: one padding row
         if idle:
             prompts, keys, images = [[self.pad_id]], [(0,)], None
@@ -324,46 +412,40 @@ class Engine:
         routing = [] if record_routing and self.replays and not idle else None
         out = [Generation(list(p), [], [], [], "length") for p in prompts]
         done = [idle] * b
-        # Megatron-Core's InferenceMode (GPTModel skips MTP while it is on) is a process-wide flag;
-        # a model without MTP does not need it, which lets a generation thread run beside training
-        mode = InferenceMode.active() if self.has_mtp else contextlib.nullcontext()
-        try:
-            with mode:
-                prefix = torch.tensor([p[:lo] for p in prompts])
-                extra = {} if images is None else {"images": images.to(self.device)}
-                logits = self.forward(cache, prefix, routing, **extra)[:, -1]
-                self.stats["prefill_tokens"] += b * lo
-                pos = lo  # position of the token chosen next
-                while True:
-                    row_keys = [(*keys[i], len(out[i].response_ids), 0) for i in range(b)]
-                    tok, lp, ent = self._sample(logits, params, seed, row_keys)
-                    feed = []
-                    for i in range(b):
-                        if pos < lens[i]:  # still inside its prompt: teacher-force the prompt token
-                            feed.append(prompts[i][pos])
-                        elif done[i]:
-                            feed.append(self.pad_id)
-                        else:
-                            t = int(tok[i])
-                            g = out[i]
-                            g.response_ids.append(t)
-                            g.logprobs.append(float(lp[i]))
-                            g.entropies.append(float(ent[i]))
-                            if t in stop:
-                                done[i], g.finish = True, "stop"
-                            elif len(g.response_ids) >= params.max_new_tokens:
-                                done[i] = True
-                            feed.append(t)
-                    # rows inside their prompt are not done; collective on self.lockstep.group
-                    if not self.lockstep.any(not all(done)):
-                        break
-                    if cache.length + 1 > cache.max_len:  # another rank still decodes: recycle a slot
-                        cache.truncate(cache.length - 1)
-                    logits = self.forward(cache, torch.tensor(feed)[:, None], routing)[:, -1]
-                    self.stats["decode_tokens"] += b
-                    pos += 1
-        finally:
-            self.model.train(was_training)
+        with self.inference():
+            prefix = torch.tensor([p[:lo] for p in prompts])
+            extra = {} if images is None else {"images": images.to(self.device)}
+            logits = self.forward(cache, prefix, routing, **extra)[:, -1]
+            self.stats["prefill_tokens"] += b * lo
+            pos = lo  # position of the token chosen next
+            while True:
+                row_keys = [(*keys[i], len(out[i].response_ids), 0) for i in range(b)]
+                tok, lp, ent = self.sample(logits, params, seed, row_keys)  # PP: from the last stage
+                feed = []
+                for i in range(b):
+                    if pos < lens[i]:  # still inside its prompt: teacher-force the prompt token
+                        feed.append(prompts[i][pos])
+                    elif done[i]:
+                        feed.append(self.pad_id)
+                    else:
+                        t = int(tok[i])
+                        g = out[i]
+                        g.response_ids.append(t)
+                        g.logprobs.append(float(lp[i]))
+                        g.entropies.append(float(ent[i]))
+                        if t in stop:
+                            done[i], g.finish = True, "stop"
+                        elif len(g.response_ids) >= params.max_new_tokens:
+                            done[i] = True
+                        feed.append(t)
+                # rows inside their prompt are not done; collective on self.lockstep.group
+                if not self.lockstep.any(not all(done)):
+                    break
+                if cache.length + 1 > cache.max_len:  # another rank still decodes: recycle a slot
+                    cache.truncate(cache.length - 1)
+                logits = self.forward(cache, torch.tensor(feed)[:, None], routing)[:, -1]
+                self.stats["decode_tokens"] += b
+                pos += 1
         if idle:
             return []
         if routing is not None:
@@ -378,4 +460,13 @@ class Engine:
         return out
 
 
-__all__ = ["Engine", "Generation", "KVCache", "SamplingParams", "router_replays"]
+__all__ = [
+    "Engine",
+    "Generation",
+    "KVCache",
+    "SamplingParams",
+    "index_routers",
+    "router_replays",
+    "sequence_parallel_off",
+    "unwrap_chunks",
+]

@@ -38,12 +38,10 @@ segments), `erasures`, `erased` (each erased segment: index, tokens, U, Theta), 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.inference.utils import InferenceMode
 
 from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
 from megatron_step.rl.erasure_policy import E3RLPolicy
@@ -99,7 +97,8 @@ class _Bucket:
     def sample(self, rows: list[_Row]):
         """(token, logprob, entropy) for `rows` from their current logits, keyed per row."""
         keys = [(*r.key, len(r.resp), r.erasures) for r in rows]
-        return self.engine._sample(torch.stack([r.logits for r in rows]), self.params, self.seed, keys)
+        # under PP the last stage samples and broadcasts (Engine.sample); other stages hold (0,) logits
+        return self.engine.sample(torch.stack([r.logits for r in rows]), self.params, self.seed, keys)
 
     def idle_forward(self) -> None:
         """One forward of a padding token through the scratch cache: this rank has no row to feed
@@ -294,29 +293,23 @@ def generate_erasable(
         raise ValueError("generate_erasable: every prompt needs at least one token")
     keys = [(i,) for i in range(len(prompts))] if keys is None else [tuple(k) for k in keys]
     t0 = time.perf_counter()
-    was_training = engine.model.training
-    engine.model.eval()
     seed = engine.seed_of(params)
     rows = [_Row(list(p), g, k) for p, g, k in zip(prompts, groups, keys)]
     buckets = []
-    mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
     mb = engine.max_batch
     n_buckets = engine.lockstep.max(-(-len(rows) // mb))  # collective: engine.lockstep.group
     # collective: engine.across_ranks (the world group unless the engine runs in a thread)
     align = engine.across_ranks.max(max((len(p) for p in prompts), default=1))
-    try:
-        with mode:
-            for k in range(n_buckets):
-                part = rows[k * mb : (k + 1) * mb]
-                # a rank with fewer buckets steps with a finished placeholder row
-                bucket = _Bucket(
-                    engine, part or [_Row([engine.pad_id], -1, (0,), done=True)], params, policy, seed,
-                    record_routing and bool(part), align,
-                )  # fmt: skip
-                bucket.run()
-                buckets.append(bucket)
-    finally:
-        engine.model.train(was_training)
+    with engine.inference():
+        for k in range(n_buckets):
+            part = rows[k * mb : (k + 1) * mb]
+            # a rank with fewer buckets steps with a finished placeholder row
+            bucket = _Bucket(
+                engine, part or [_Row([engine.pad_id], -1, (0,), done=True)], params, policy, seed,
+                record_routing and bool(part), align,
+            )  # fmt: skip
+            bucket.run()
+            buckets.append(bucket)
     out = []
     for r in rows:
         info = {

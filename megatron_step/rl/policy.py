@@ -13,8 +13,20 @@ Layout of a packed batch (B sequences, S = longest prompt + response - 1 positio
     advantages     = (B,), or (B, S) when items carry per-token advantages (segment-level credit)
     images         = (B, 3, H, W) when items carry an "image" (the image-text model, models/vlm.py)
     routing[l]     = (S * B, K) experts of MoE layer l, rows in the router's order s * B + b
+                     (l over this rank's MoE layers, every local chunk in order: under PP a stage
+                     replays the routing it recorded while generating)
 Per-token log-probabilities come from Megatron-Core's own (vocab-parallel) cross-entropy on the
 labels: logp = -CE, so TP needs no gathered logits.
+
+Both passes of an update (pi_old, then the policy loss) go through Megatron-Core's schedule (no
+pipelining, 1F1B or interleaved), so PP and VPP need little of their own: the pipeline schedule
+sends tensors of one shape (seq_length, micro_batch_size, hidden), so under PP every microbatch of a
+step is packed to the step's longest sequence and `micro_batch_size` rows (padding rows train
+nothing), and with VPP the microbatch count is padded to a multiple of pp (the interleaved
+schedule's condition). Megatron-Core's `variable_seq_lengths` (shapes sent ahead) would avoid the
+padding, but in 0.19.2 its shape exchange is always batched (batch_isend_irecv), and with pp = 2 under
+the interleaved schedule the two directions then pair by posting order and the run dies (measured
+here; see platform.parallel on batch_p2p_comm): fixed shapes work for every schedule.
 """
 
 from __future__ import annotations
@@ -27,18 +39,27 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_step.platform import to_device
 from megatron_step.rl.buffer import Rollout
-from megatron_step.rl.engine import router_replays
+from megatron_step.rl.engine import index_routers, router_replays
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
-from megatron_step.training.step import train_step
+from megatron_step.training.step import forward_backward, from_last_stage, train_step
 
 
-def pack(items: list[dict], pad_id: int = 0, replay: bool = True, multiple_of: int = 1) -> dict:
+def pack(
+    items: list[dict],
+    pad_id: int = 0,
+    replay: bool = True,
+    multiple_of: int = 1,
+    length: int | None = None,
+    rows: int | None = None,
+) -> dict:
     """items: dicts with prompt_ids, response_ids, and optionally rollout_logp (per response token),
     advantage, routing (per layer (n, K) as Generation.routing). Returns the batch described above,
-    S rounded up to a multiple of `multiple_of` (sequence parallelism splits S over the TP ranks)."""
+    S rounded up to a multiple of `multiple_of` (sequence parallelism splits S over the TP ranks).
+    `length` / `rows`: pad S and B up to these (fixed microbatch shapes for the pipeline schedule);
+    padding rows have an empty mask and advantage 0, so they train nothing."""
     seqs = [list(it["prompt_ids"]) + list(it["response_ids"]) for it in items]
-    b, s = len(seqs), max(len(x) for x in seqs) - 1
+    b, s = max(len(seqs), rows or 0), max([len(x) - 1 for x in seqs] + [length or 0])
     s = -(-s // multiple_of) * multiple_of
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
     labels = torch.full((b, s), pad_id, dtype=torch.long)
@@ -60,7 +81,8 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True, multiple_of: i
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s),
     }
     if items[0].get("image") is not None:
-        batch["images"] = torch.stack([it["image"] for it in items])
+        imgs = [it["image"] for it in items]
+        batch["images"] = torch.stack(imgs + [torch.zeros_like(imgs[0])] * (b - len(items)))
     if "advantage" in items[0]:
         if any(isinstance(it["advantage"], (list, tuple)) for it in items):
             # per-token advantages (segment-level credit): (B, S), 0 outside the response
@@ -72,7 +94,9 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True, multiple_of: i
                 )
             batch["advantages"] = adv
         else:
-            batch["advantages"] = torch.tensor([float(it["advantage"]) for it in items])
+            batch["advantages"] = torch.tensor(
+                [float(it["advantage"]) for it in items] + [0.0] * (b - len(items))
+            )
     if replay and items[0].get("routing") is not None:
         layers = len(items[0]["routing"])
         k = items[0]["routing"][0].shape[-1]
@@ -90,35 +114,45 @@ def pack(items: list[dict], pad_id: int = 0, replay: bool = True, multiple_of: i
 
 
 def set_replay(model, routing: list[torch.Tensor] | None) -> None:
-    """Replay `routing` (per MoE layer, rows s * B + b) in the next forward of `model`; None clears."""
+    """Replay `routing` (per MoE layer of this rank, rows s * B + b) in the next forward of `model`,
+    one chunk: it takes its routers' entries (`rank_index`, set by rl.engine.index_routers over the
+    rank's chunks; without it the chunk is the whole rank's model). None clears."""
     replays = router_replays(model)
     for r in replays:
         r.clear_indices()
         r.clear_router_replay_action()
-    if routing is None:
+    if routing is None or not replays:
         return
-    if len(routing) != len(replays):
-        raise ValueError(f"routing has {len(routing)} layers, the model {len(replays)} MoE routers")
+    where = [getattr(r, "rank_index", i) for i, r in enumerate(replays)]
+    total = getattr(replays[0], "rank_total", len(replays))
+    if len(routing) != total:
+        raise ValueError(f"routing has {len(routing)} layers, this rank's model {total} MoE routers")
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     shard = tp > 1 and model.config.sequence_parallel
-    for r, idx in zip(replays, routing):
+    for r, i in zip(replays, where):
+        idx = routing[i]
         if shard:  # with sequence parallelism each TP rank routes its S / tp positions: rows s-major
             idx = idx.chunk(tp, 0)[ps.get_tensor_model_parallel_rank()]
         r.set_target_indices(idx)
         r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
 
-def token_logp(model, batch: dict) -> torch.Tensor:
-    """(B, S) log pi(labels) under `model` (train or eval mode as set), routing replayed when the
-    batch carries it."""
+def model_output(model, batch: dict) -> torch.Tensor:
+    """The forward of one chunk on a packed batch, routing replayed when the batch carries it: the
+    per-token CE (B, S) of the labels on the last pipeline stage, hidden states elsewhere."""
     unwrapped = getattr(model, "module", model)
     set_replay(unwrapped, batch.get("routing"))
     try:
         extra = {"images": batch["images"]} if "images" in batch else {}
-        ce = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **extra)
+        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **extra)
     finally:
         set_replay(unwrapped, None)  # the replayed indices are only needed by this forward
-    return -ce.float()
+
+
+def token_logp(model, batch: dict) -> torch.Tensor:
+    """(B, S) log pi(labels) under `model` (the whole model: PP = 1; train or eval mode as set),
+    routing replayed when the batch carries it."""
+    return -model_output(model, batch).float()
 
 
 def make_forward_step(cfg: PolicyLossConfig):
@@ -127,9 +161,10 @@ def make_forward_step(cfg: PolicyLossConfig):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        logp = token_logp(model, batch)
+        out = model_output(model, batch)  # CE on the last pipeline stage, hidden states elsewhere
 
-        def loss_func(logp_BS):
+        def loss_func(ce_BS):
+            logp_BS = -ce_BS.float()
             if batch.get("padding"):  # see PolicyUpdate: a zero loss, no metrics
                 return (logp_BS * 0.0).sum(), {}
             loss, metrics = policy_loss(
@@ -144,9 +179,21 @@ def make_forward_step(cfg: PolicyLossConfig):
             metrics = {k: torch.tensor(float(v)) for k, v in metrics.items()}
             return loss, {"loss": loss.detach().clone(), **metrics}
 
-        return logp, loss_func
+        return out, loss_func
 
     return forward_step
+
+
+def _old_logp_step(data_iterator, model):
+    """forward_step_func of the pi_old pass (forward only): the log-probs as the loss function's data."""
+    batch = next(data_iterator)
+    out = model_output(model, batch)
+
+    def loss_func(ce_BS):
+        logp = -ce_BS.float()
+        return (logp * 0.0).sum(), {"logp": logp}
+
+    return out, loss_func
 
 
 class PolicyUpdate:
@@ -163,8 +210,11 @@ class PolicyUpdate:
         self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
         self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
         self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
+        index_routers([c.module for c in chunks])  # routing lists span this rank's chunks
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.interleaved = len(chunks) > 1
 
-    def padding(self, micro: list[dict], multiple_of: int = 1) -> dict:
+    def padding(self, micro: list[dict], shape: dict) -> dict:
         """A microbatch that trains nothing (mask and advantages 0, loss 0, no metrics): run by a rank
         with fewer microbatches than another of its lockstep group -- failed rewards are not trained
         on, so counts differ -- because every forward of an EP / TP / PP model is collective. The
@@ -174,7 +224,7 @@ class PolicyUpdate:
             b.pop("routing", None)  # route freely: nothing is trained on it
         else:  # every rollout of this rank failed: two padding tokens
             item = {"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}
-            b = to_device(pack([item], multiple_of=multiple_of))
+            b = to_device(pack([item], **shape))
         b["mask"] = torch.zeros_like(b["mask"])
         b["advantages"] = torch.zeros_like(b["advantages"])
         b["padding"] = True
@@ -182,7 +232,6 @@ class PolicyUpdate:
 
     def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
         """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
-        model = self.chunks[0]
         rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
         adv = group_advantages(rewards)
         items = [
@@ -203,25 +252,37 @@ class PolicyUpdate:
         ]
         module = self.chunks[0].module
         tp = ps.get_tensor_model_parallel_world_size() if module.config.sequence_parallel else 1
+        fixed = {}  # the pipeline schedule's one shape: the longest sequence, micro_batch_size rows
+        if self.pp > 1:
+            longest = max((len(it["prompt_ids"]) + len(it["response_ids"]) - 1 for it in items), default=1)
+            fixed = {"length": longest, "rows": self.mbs}
         micro = [
-            to_device(pack(items[i : i + self.mbs], replay=self.replay, multiple_of=tp))
+            to_device(pack(items[i : i + self.mbs], replay=self.replay, multiple_of=tp, **fixed))
             for i in range(0, len(items), self.mbs)
         ]
         n_real = len(micro)
         n = self.lockstep.max(n_real)  # collective: self.lockstep.group
-        micro += [self.padding(micro, tp) for _ in range(n - n_real)]
+        if self.interleaved:  # the interleaved schedule runs microbatches in groups of pp
+            n = -(-n // self.pp) * self.pp
+        micro += [self.padding(micro, {"multiple_of": tp, **fixed}) for _ in range(n - n_real)]
         self.padded += n - n_real
         t0 = time.perf_counter()
+        shape = {"seq_length": max(b["tokens"].shape[1] for b in micro), "micro_batch_size": self.mbs}
         with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
-            for b in micro:
-                b["old_logp"] = token_logp(model, b) * b["mask"]
+            got = forward_backward(
+                self.chunks, micro, forward_step=_old_logp_step, forward_only=True, **shape
+            )
+        for b, m in zip(micro, got):  # the last pipeline stage (where the loss is) has them
+            b["old_logp"] = m["logp"] * b["mask"]
         result = train_step(
-            self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step,
-            seq_length=max(b["tokens"].shape[1] for b in micro), micro_batch_size=self.mbs,
-        )  # fmt: skip
+            self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step, **shape
+        )
         self.skipped += not result.update_successful
         dt = time.perf_counter() - t0
-        metrics = {f"policy/{key}": result.mean(key) for key in result.metrics[0]}
+        # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
+        metrics = from_last_stage(
+            {f"policy/{key}": result.mean(key) for key in (result.metrics[0] if result.metrics else {})}
+        )
         n_tok = sum(float(b["mask"].sum()) for b in micro)
         metrics.update(
             {
@@ -234,4 +295,4 @@ class PolicyUpdate:
         return metrics
 
 
-__all__ = ["PolicyUpdate", "make_forward_step", "pack", "set_replay", "token_logp"]
+__all__ = ["PolicyUpdate", "make_forward_step", "model_output", "pack", "set_replay", "token_logp"]

@@ -3,7 +3,7 @@ win-rate reward against a reference answer with a length penalty.
 
     rm = RewardModel.from_backbone(policy_gpt_model)        # same architecture, fresh scalar head
     train_bradley_terry(rm, tokenizer, pairs, steps=200)     # pairs: [{"prompt", "chosen", "rejected"}]
-    rm.save("runs/rm/rm.pt");  rm = RewardModel.load("runs/rm/rm.pt")
+    rm.save("runs/rm/rm");  rm = RewardModel.load("runs/rm/rm", parallel)   # any TP / EP layout
     pref = PreferenceReward(rm, tokenizer, length_penalty=0.1)
     pref.score_batch([(prompt, response, reference_response), ...])   # -> list[float]
 
@@ -16,20 +16,30 @@ Win-rate reward (our rule; the report gives no formula): against a reference res
 i.e. the probability that the RM prefers y to the reference, minus a penalty on each token beyond the
 reference's length (relative), so padding an answer cannot buy preference.
 
-Single process: at this size the RM trains in minutes on one CPU core; it runs inside the RL
-trainer (batched), not in the isolated reward workers, because it is a model on the trainer's device.
+Training is single-process: at this size the RM trains in minutes on one CPU core. Scoring runs
+inside the RL trainer (batched), not in the isolated reward workers, because it is a model on the
+trainer's devices, in the run's layout: a saved RM is a directory -- the backbone as a Megatron-Core
+distributed checkpoint (`backbone/`, resharded on load to the run's TP / EP) and `head.pt` (the
+scalar head and the model config). Under TP / EP its forward is collective: every rank of the run
+scores its own batch together (rl.rollouts). Sequence parallelism is off for it (every position's
+hidden state is read). PP is not supported (the stage refuses it). A file written by an earlier
+version (one torch blob, `.pt`) still loads, in a one-rank layout only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 
 from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.platform import ParallelConfig
+from megatron_step.rl.engine import sequence_parallel_off
 from megatron_step.rl.tasks import Problem, prompt_text, solution_text
 
 
@@ -57,22 +67,49 @@ class RewardModel(torch.nn.Module):
         tokens_BS, lengths_B = tokens_BS.to(dev), lengths_B.to(dev)
         b, s = tokens_BS.shape
         pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-        self.backbone(tokens_BS, pos, None)
+        with sequence_parallel_off(self.backbone):
+            self.backbone(tokens_BS, pos, None)
         h_BH = self._hidden[lengths_B - 1, torch.arange(b, device=dev)]
         self._hidden = None
         return self.head(h_BH.float()).squeeze(-1)
 
     def save(self, path: str) -> None:
-        torch.save({"state": self.state_dict(), "model_config": self.model_config}, path)
+        """Write the directory `path` (module docstring). Every rank of the model's layout calls it."""
+        os.makedirs(os.path.join(path, "backbone"), exist_ok=True)
+        dist_checkpointing.save(self.backbone.sharded_state_dict(), os.path.join(path, "backbone"))
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            head = {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
+            torch.save({"head": head, "model_config": self.model_config}, os.path.join(path, "head.pt"))
 
     @classmethod
     def load(cls, path: str, parallel=None) -> RewardModel:
-        """Rebuild the backbone from the saved StepFlashConfig and load the weights (1 process)."""
-        # our own dict of tensors and plain values; saved on any device, loaded on the CPU first
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = StepFlashConfig(**blob["model_config"])
-        rm = cls.from_backbone(build_step_flash(cfg, parallel or ParallelConfig()), blob["model_config"])
-        rm.load_state_dict(blob["state"])
+        """Rebuild the backbone from the saved StepFlashConfig in `parallel`'s layout (default: one
+        rank) and load the weights; every rank of the layout calls it."""
+        parallel = parallel or ParallelConfig()
+        if os.path.isfile(path):  # an earlier version's single torch blob: a one-rank model only
+            if ps.model_parallel_is_initialized() and ps.get_model_parallel_group().size() > 1:
+                raise ValueError(
+                    f"rl.reward_model={path!r} is a single-file reward model (one rank); re-save it as a "
+                    "directory (tools/train_reward_model.py --out DIR) to load it under TP / EP"
+                )
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            cfg = StepFlashConfig(**blob["model_config"])
+            rm = cls.from_backbone(build_step_flash(cfg, parallel), blob["model_config"])
+            rm.load_state_dict(blob["state"])
+            return rm.eval()
+        meta = os.path.join(path, "head.pt")
+        if not os.path.isfile(meta):
+            raise FileNotFoundError(
+                f"rl.reward_model={path!r}: no reward model there (expected {meta} and backbone/, as "
+                "tools/train_reward_model.py writes them)"
+            )
+        # our own dict of tensors and plain values, loaded on the CPU first
+        blob = torch.load(meta, map_location="cpu", weights_only=True)
+        backbone = build_step_flash(StepFlashConfig(**blob["model_config"]), parallel)
+        sharded = backbone.sharded_state_dict()
+        backbone.load_state_dict(dist_checkpointing.load(sharded, os.path.join(path, "backbone")))
+        rm = cls.from_backbone(backbone, blob["model_config"])
+        rm.head.load_state_dict(blob["head"])
         return rm.eval()
 
 

@@ -6,6 +6,10 @@ when configured), and the `Rollout` records the policy update trains on.
     batch = sampler.generate(version=0, step=0)            # prompts -> responses (KV cache)
     groups, stats = sampler.score(batch)                   # rewards -> [[Rollout] * G] * per_rank
 
+Rewards are scored once per model replica: the first rank of each TP x PP group calls the reward
+pool and broadcasts the results to the group, which holds the same rollouts. The preference model
+(rl.reward_model, in the run's TP / EP layout) is run by every rank: its forward is collective.
+
 Layout independence: every rank draws the step's `rl.prompts_per_step` problems from one shared
 stream and takes its slice; prompt group ids are global (step x prompts_per_step + index), and each
 response's randomness is keyed by (seed, policy version, group id, sample index, position), so the
@@ -50,6 +54,16 @@ POOL_SIZE = 20000
 
 def _dp() -> tuple[int, int]:
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
+def _same_data_group():
+    """The ranks that hold this rank's rollouts -- its TP x PP group (one DP rank's model) -- when
+    there are several, else None. They must agree on every reward: a reward that times out on one of
+    them only would otherwise give them different training batches (and hang the pipeline)."""
+    if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return None
+    group = ps.get_model_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def group_rollouts(rollouts: list[Rollout]) -> list[list[Rollout]]:
@@ -140,17 +154,20 @@ class RolloutSampler:
         return RolloutBatch(version, group_base, problems, gens, scales, seconds)
 
     # -- scoring ---------------------------------------------------------------------------------------
-    def _preference(self, batch: RolloutBatch, texts: list[str], results) -> dict[str, float]:
-        """Add `rl.preference_weight` x the preference reward (in-process: a model, batched); a failure
-        marks the batch's rewards failed."""
+    def _preference(self, batch: RolloutBatch, texts: list[str]) -> list[float] | None:
+        """The preference reward of each response (in-process: a model, batched); None when it failed.
+        Under TP / EP its forward is collective: every rank calls this, each with its own batch."""
         task = self.task
         try:
-            prefs = self.preference.score_batch(
+            return self.preference.score_batch(
                 [(task.prompt(p), t, task.solution(p)) for p, t in zip(batch.problems, texts)]
             )
         except Exception as e:  # noqa: BLE001 -- counted and logged, the run goes on
             log.warning("preference reward failed: %s", e)
-            prefs = None
+            return None
+
+    def _add_preference(self, results, prefs: list[float] | None) -> dict[str, float]:
+        """Add `rl.preference_weight` x the preference reward; a failed one fails the batch's rewards."""
         for i, res in enumerate(results):
             if prefs is None:
                 res.failed, res.value = True, 0.0
@@ -163,8 +180,17 @@ class RolloutSampler:
         task, g, gens = self.task, self.rl.group_size, batch.gens
         texts = [self.decode(x.response_ids) for x in gens]
         items = [(task.prompt(p), t, task.reference(p)) for p, t in zip(batch.problems, texts)]
-        results = self.runner.run(items)
-        stats = self._preference(batch, texts, results) if self.preference is not None else {}
+        # scored once per model: the group's first rank calls the rewards, the others receive them;
+        # the preference model runs on every rank (its forward is collective under TP / EP)
+        prefs = self._preference(batch, texts) if self.preference is not None else None
+        group = _same_data_group()
+        box: list = [None]
+        if group is None or dist.get_rank(group) == 0:
+            results = self.runner.run(items)
+            box = [(results, self._add_preference(results, prefs) if self.preference is not None else {})]
+        if group is not None:  # collective: TP x PP group
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        results, stats = box[0]
         correct = [task.correct(p, t) for p, t in zip(batch.problems, texts)]
         rollouts = [
             Rollout(

@@ -17,10 +17,13 @@ Layouts: each DP rank generates, scores and trains on its own share of each step
 from one stream shared by all ranks, sampled with keyed randomness: the rollouts do not depend on the
 layout); the gradient all-reduce is Megatron-Core's. Under TP / EP the ranks joined by a forward's
 collectives stay in lockstep -- the same number of decode steps, generation chunks and update
-microbatches (megatron_step.rl.lockstep). Metrics are averaged over DP ranks (staleness/max is the
-maximum). Not yet: PP (the engine runs the whole model on each rank), the async loop under TP / EP
-(its generation thread would interleave collectives with the trainer's), the preference reward model
-under TP / EP (it is built and loaded at tp = ep = 1); each is refused at start.
+microbatches (megatron_step.rl.lockstep). Under PP (and VPP, and uneven `parallel.pipeline_layout`)
+the engine runs each decode step through the stages and the last stage samples (rl.engine); the
+update is Megatron-Core's pipelined schedule. Metrics are averaged over DP ranks (staleness/max is the
+maximum). The preference reward model is loaded in the run's TP / EP layout. Not yet: the async
+loop under TP / PP / EP (its generation thread would interleave collectives with the trainer's), the
+preference reward model under PP (its forward is not pipelined), E3RL's attention credit under
+TP / PP (it reads one rank's heads and layers); each is refused at start.
 
 The pieces: megatron_step.rl.tasks (prompts), rl.rollouts (sampling, scoring, held-out accuracy),
 rl.reward_pool (isolated rewards), rl.policy (the update), rl.sft (the warm-up's data; its run is
@@ -192,18 +195,23 @@ def _run_async(run: _Run, replica) -> None:
 def _check_layout(cfg: RLRunConfig) -> None:
     """Refuse, at start, the layouts the RL stage cannot run yet (see the module docstring)."""
     p, r = cfg.parallel, cfg.rl
-    if p.pp != 1:
-        raise ValueError(f"parallel.pp={p.pp}: RL generation needs the whole model on each rank (pp=1)")
-    mp = {k: v for k, v in (("tp", p.tp), ("ep", p.ep), ("cp", p.cp)) if v > 1}
+    mp = {k: v for k, v in (("tp", p.tp), ("pp", p.pp), ("ep", p.ep), ("cp", p.cp)) if v > 1}
     if mp and r.async_mode:
         raise ValueError(
             f"rl.async_mode=true with parallel {mp}: the async generation thread would run model-parallel "
-            "collectives beside the trainer's; use rl.async_mode=false (sync) under TP / EP"
+            "collectives beside the trainer's; use rl.async_mode=false (sync) under TP / PP / EP"
         )
-    if mp and r.reward_model:
+    staged = {k: v for k, v in (("pp", p.pp), ("cp", p.cp)) if v > 1}
+    if staged and r.reward_model:
         raise ValueError(
-            f"rl.reward_model={r.reward_model!r} with parallel {mp}: the reward model is built at "
-            "tp = ep = 1 and cannot load in this layout; drop parallel.tp/ep or the reward model"
+            f"rl.reward_model={r.reward_model!r} with parallel {staged}: the reward model runs its forward "
+            "in one pipeline stage (TP / EP are fine); drop parallel.pp/cp or the reward model"
+        )
+    split = {k: v for k, v in (("tp", p.tp), ("pp", p.pp)) if v > 1}
+    if split and r.rollout == "e3rl" and r.e3rl.advantage_rule == "attention":
+        raise ValueError(
+            f"rl.e3rl.advantage_rule=attention with parallel {split}: the attention shares are read from "
+            "this rank's heads and layers only; use rl.e3rl.advantage_rule=uniform in this layout"
         )
 
 
@@ -220,11 +228,11 @@ def train_rl(cfg: RLRunConfig) -> dict:
     model = rl_model_config(cfg)
     chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
     checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
-    engine = Engine(chunks[0].module, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+    engine = Engine(chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad)  # every (virtual) stage of this rank
     reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)
     runner = RewardRunner(reward, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
     pref = (
-        PreferenceReward(RewardModel.load(r.reward_model), tokenizer, r.length_penalty)
+        PreferenceReward(RewardModel.load(r.reward_model, cfg.parallel), tokenizer, r.length_penalty)
         if r.reward_model
         else None
     )

@@ -2,8 +2,8 @@
 sampled with the keyed randomness -- and log-probs within 1e-5 of one process; one RL update gives the
 same weights (rtol 2e-5); E3RL rollouts with erasures are identical; held-out accuracy over uneven
 shards equals one process; ranks with uneven work (prompt lengths, counts, stop positions, failed
-rewards) stay in lockstep instead of hanging. PP is not supported by the RL stage yet (refused at
-start, tested here)."""
+rewards) stay in lockstep instead of hanging. Layouts: DP2, TP2 + SP, EP2, PP2 (with MTP-3 and
+without MTP), PP2 x VPP2 on an uneven layout; TP2 x EP2, EP2 x DP4 and PP2 x EP2 on 4 ranks (slow)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.lockstep import keyed_uniforms
 from megatron_step.rl.losses import PolicyLossConfig
 from megatron_step.rl.policy import PolicyUpdate
+from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward
 from megatron_step.rl.rollouts import Evaluator, RolloutSampler
@@ -85,25 +86,38 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _build(parallel_kw: dict, weights: str, save: bool, optim: str = "adam"):
+def _build(parallel_kw: dict, weights: str, save: bool, optim: str = "adam", model_cfg=None):
     parallel = ParallelConfig(**parallel_kw)
     platform.setup(parallel, seed=SEED)
-    chunks, opt, sched = build_model_and_optimizer(_model_cfg(), parallel, _optim(optim), steps=1)
+    chunks, opt, sched = build_model_and_optimizer(
+        model_cfg or _model_cfg(), parallel, _optim(optim), steps=1
+    )
+    modules = [c.module for c in chunks]
     if save:
-        _save(chunks[0].module, weights)
+        _save(modules, weights)
     else:
-        _load(chunks[0].module, weights)
+        _load(modules, weights)
         opt.reload_model_params()
     return chunks, opt, sched
 
 
-def _save(module, path: str) -> None:
+def _sharded(modules) -> dict:
+    """The model's sharded state dict: one chunk's, or one entry per virtual pipeline stage (its
+    tensors carry global keys, so any layout loads it)."""
+    if len(modules) == 1:
+        return modules[0].sharded_state_dict()
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def _save(modules, path: str) -> None:
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(module.sharded_state_dict(), path)
+    dist_checkpointing.save(_sharded(modules), path)
 
 
-def _load(module, path: str) -> None:
-    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), path))
+def _load(modules, path: str) -> None:
+    state = dist_checkpointing.load(_sharded(modules), path)
+    for i, m in enumerate(modules):
+        m.load_state_dict(state if len(modules) == 1 else state[f"model{i}"])
 
 
 def _dp_gather(local: list) -> list:
@@ -113,13 +127,13 @@ def _dp_gather(local: list) -> list:
     return [x for p in parts for x in p]
 
 
-def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind):
+def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
     weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
     kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)."""
-    chunks, opt, sched = _build(parallel_kw, weights, save, "macro" if kind == "macro" else "adam")
-    module = chunks[0].module
-    engine = Engine(module, eos_id=EOS)
+    optim = "macro" if kind == "macro" else "adam"
+    chunks, opt, sched = _build(parallel_kw, weights, save, optim, model_cfg)
+    engine = Engine(chunks, eos_id=EOS)
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     prompts = _prompts(_model_cfg().vocab_size)
     per = len(prompts) // dp
@@ -152,22 +166,23 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind)
     ]
     update = PolicyUpdate(chunks, opt, sched, PolicyLossConfig("mispo"), micro_batch_size=2)
     metrics = update(groups)
-    _save(module, out)
+    _save([c.module for c in chunks], out)
     summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
     return {
         "sampled": _dp_gather(summary),
         "greedy": _dp_gather([(x.response_ids, x.logprobs) for x in greedy]),
         "loss": dp_mean(metrics)["policy/loss"],
+        "metrics": dp_mean(metrics),
     }
 
 
-def full_weights(rank, world_size, run_dirs):
+def full_weights(rank, world_size, run_dirs, model_cfg=None):
     """Each run dir's latest weights in a 1-process model, by name."""
     platform.setup(ParallelConfig(), seed=SEED)
     out = []
     for d in run_dirs:
-        module = build_step_flash(_model_cfg(), ParallelConfig())
-        _load(module, d)
+        module = build_step_flash(model_cfg or _model_cfg(), ParallelConfig())
+        _load([module], d)
         out.append({k: v.detach().clone() for k, v in module.state_dict().items() if "_extra" not in k})
     return out
 
@@ -192,12 +207,13 @@ def _same_rollouts(got, want, key):
         assert a[2:] == b[2:], f"{key} rollout {i}: erasures {a[2:]} vs {b[2:]}"
 
 
-def _same_weights(reference, kind, out, rtol=2e-5, update_rtol=1e-4):
+def _same_weights(reference, kind, out, rtol=2e-5, update_rtol=1e-4, model_cfg=None):
     """Every weight within `rtol` of the 1-process run (relative Frobenius error per tensor), and,
     since one small step barely moves a weight, the update itself (final - initial) of every tensor
     the reference moved within `update_rtol` (measured: <= 4e-5 for the router of TP2+SP, ~1e-5
     elsewhere -- fp32 sums in another order, on small policy-gradient terms that cancel)."""
-    init, ref, got = run_distributed(full_weights, 1, [reference["weights"], reference[kind]["out"], out])[0]
+    dirs = [reference["weights"], reference[kind]["out"], out]
+    init, ref, got = run_distributed(full_weights, 1, dirs, model_cfg)[0]
     moved = [k for k in ref if not torch.equal(ref[k], init[k])]
     assert len(moved) > 10, f"the reference update moved only {moved}: the comparison would prove little"
     for k in ref:
@@ -214,6 +230,9 @@ LAYOUTS = {
     "dp2": ({}, 2),
     "tp2_sp": ({"tp": 2}, 2),  # SP is on with TP (Megatron-Core requires it for MoE + TP training)
     "ep2": ({"ep": 2}, 2),
+    "pp2": ({"pp": 2}, 2),  # MTP-3 on the last stage
+    # interleaved (each rank's two chunks, the ring wraps) on an uneven split: 1 | 2 | 3 | 2 layers + MTP
+    "pp2_vpp2_uneven": ({"pp": 2, "pipeline_layout": "Et|tt|ttt|ttmmmL"}, 2),
 }
 
 
@@ -227,12 +246,30 @@ def test_rollouts_and_one_update_match_one_process(name, reference, tmp_path):
     )[0]
     _same_rollouts(got, want, "greedy")
     _same_rollouts(got, want, "sampled")
-    assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"]))
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (
+        got["metrics"],
+        want["metrics"],
+    )
     _same_weights(reference, "plain", str(tmp_path))
 
 
+def test_pp2_without_mtp_matches_one_process(tmp_path):
+    """A model without MTP modules under PP = 2 (the last stage holds only decoder layers and the head)."""
+    cfg = dataclasses.replace(_model_cfg(), mtp_num_layers=0, mtp_loss_weights=[])
+    w, ref_out, out = (str(tmp_path / d) for d in ("weights", "ref", "pp2"))
+    (want,) = run_distributed(rollouts_and_update, 1, {}, w, ref_out, True, "plain", cfg)
+    got = run_distributed(rollouts_and_update, 2, {"pp": 2}, w, out, False, "plain", cfg)[0]
+    _same_rollouts(got, want, "greedy")
+    _same_rollouts(got, want, "sampled")
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"]))
+    ref = {"weights": w, "plain": {"out": ref_out}}
+    _same_weights(ref, "plain", out, model_cfg=cfg)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [{"tp": 2, "ep": 2}, {"ep": 2}], ids=["tp2_ep2", "ep2_dp4"])
+@pytest.mark.parametrize(
+    "kw", [{"tp": 2, "ep": 2}, {"ep": 2}, {"pp": 2, "ep": 2}], ids=["tp2_ep2", "ep2_dp4", "pp2_ep2"]
+)
 def test_rollouts_and_one_update_match_one_process_on_four_ranks(kw, reference, tmp_path):
     want = reference["plain"]["res"]
     got = run_distributed(rollouts_and_update, 4, kw, reference["weights"], str(tmp_path), False, "plain")[0]
@@ -241,13 +278,12 @@ def test_rollouts_and_one_update_match_one_process_on_four_ranks(kw, reference, 
     _same_weights(reference, "plain", str(tmp_path))
 
 
-def test_e3rl_rollouts_with_erasures_match_one_process_under_ep2(reference, tmp_path):
+@pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}, {"tp": 2}], ids=["ep2", "pp2", "tp2_sp"])
+def test_e3rl_rollouts_with_erasures_match_one_process(kw, reference, tmp_path):
     want = reference["e3rl"]["res"]
     erasures = [x[2] for x in want["sampled"]]
     assert sum(erasures) >= 2 and erasures.count(0) >= 1, erasures  # erased and kept rows, unevenly
-    got = run_distributed(
-        rollouts_and_update, 2, {"ep": 2}, reference["weights"], str(tmp_path), False, "e3rl"
-    )[0]
+    got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "e3rl")[0]
     _same_rollouts(got, want, "sampled")
     _same_weights(reference, "e3rl", str(tmp_path))
 
@@ -321,6 +357,50 @@ def test_heldout_accuracy_over_uneven_shards_equals_one_process_under_ep2(refere
     assert got[0] == got[1] == want
 
 
+REWARD_ITEMS = [
+    ("Q: What is 2 + 3?\nA:", "2 + 3 = 5. <answer>5</answer>", "2 + 3 = 5. <answer>5</answer>"),
+    ("Q: What is 7 - 4?\nA:", "7 - 4 = 2. <answer>2</answer>", "7 - 4 = 3. <answer>3</answer>"),
+    ("Q: What is 6 + 1?\nA:", "<answer>7</answer>", "6 + 1 = 7. <answer>7</answer>"),
+    ("Q: What is 9 - 9?\nA:", "9 - 9 = 0. 0 = 0. 0 = 0. <answer>0</answer>", "9 - 9 = 0. <answer>0</answer>"),
+    ("Q: What is 4 + 4?\nA:", "4 + 4 = 8.", "4 + 4 = 8. <answer>8</answer>"),
+    ("Q: What is 5 - 2?\nA:", "5 - 2 = 3. <answer>3</answer>", "5 - 2 = 3. <answer>3</answer>"),
+]
+
+
+def reward_model_scores(rank, world_size, parallel_kw, path, data_dir, save):
+    """The preference reward of REWARD_ITEMS (this DP rank's share) with a reward model saved by one
+    process (`save`: a random backbone and a random head, so every response scores differently) and
+    loaded in `parallel_kw`'s layout. Returns the scores of all ranks, rank-major."""
+    parallel = ParallelConfig(**parallel_kw)
+    platform.setup(parallel, seed=SEED)
+    tok = run_tokenizer(DataConfig(tokenizer_vocab_size=512, data_dir=data_dir))
+    if save:
+        cfg = tiny()
+        rm = RewardModel.from_backbone(build_step_flash(cfg, parallel), dataclasses.asdict(cfg))
+        torch.nn.init.normal_(rm.head.weight, std=1.0)
+        rm.save(path)
+    pref = PreferenceReward(RewardModel.load(path, parallel), tok, length_penalty=0.05)
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    return _dp_gather(pref.score_batch(REWARD_ITEMS[r::dp]))
+
+
+@pytest.mark.parametrize("kw", [{"tp": 2}, {"ep": 2}], ids=["tp2_sp", "ep2"])
+def test_preference_reward_model_in_the_run_layout_scores_as_one_process(kw, embedded_data, tmp_path):
+    """The reward model's backbone is resharded on load (Megatron-Core distributed checkpoint) to
+    TP = 2 (sequence parallelism off for its forward) or EP = 2 (the two DP ranks score different
+    batches through one all-to-all)."""
+    path = str(tmp_path / "rm")
+    (want,) = run_distributed(reward_model_scores, 1, {}, path, embedded_data, True)
+    dp = 1 if "tp" in kw else 2
+    want = [x for r in range(dp) for x in want[r::dp]]  # rank-major, as gathered
+    got = run_distributed(reward_model_scores, 2, kw, path, embedded_data, False)
+    assert got[0] == got[1]
+    # responses equal to their reference score exactly 0.5; the others are all told apart
+    assert len(set(round(x, 4) for x in want)) == len(want) - 1, want
+    worst = max(abs(a - b) for a, b in zip(got[0], want))
+    assert len(got[0]) == len(want) and worst <= 1e-5, (got[0], want)
+
+
 def _torchrun(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
     env = {**os.environ, **golden_runs.ENV, "PYTHONPATH": REPO}
@@ -377,10 +457,14 @@ def test_rl_stage_refuses_what_it_cannot_run_at_start():
             os.path.join(REPO, "examples/rl/rl_tiny.yaml"), list(overrides), cls=RLRunConfig
         )
 
-    with pytest.raises(ValueError, match="parallel.pp=2"):
-        train_rl(load("parallel.pp=2"))
     with pytest.raises(ValueError, match="rl.async_mode=true"):
         train_rl(load("parallel.ep=2", "rl.async_mode=true"))
+    with pytest.raises(ValueError, match="rl.async_mode=true with parallel {'pp': 2}"):
+        train_rl(load("parallel.pp=2", "rl.async_mode=true"))
+    with pytest.raises(ValueError, match="rl.reward_model='x' with parallel {'pp': 2}"):
+        train_rl(load("parallel.pp=2", "rl.reward_model=x"))
+    with pytest.raises(ValueError, match="advantage_rule=attention with parallel {'pp': 2}"):
+        train_rl(load("parallel.pp=2", "rl.rollout=e3rl", "rl.e3rl.advantage_rule=attention"))
 
 
 def buckets_vs_one_batch(rank, world_size):
@@ -421,7 +505,10 @@ def test_macro_in_the_layer_wise_optimizer_updates_as_one_process(kw, reference,
     want = reference["macro"]["res"]
     got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "macro")[0]
     _same_rollouts(got, want, "sampled")
-    _same_weights(reference, "macro", str(tmp_path))
+    # update_rtol 3e-4: the EP2 router update measured 1.2e-4 from the reference on one of our CPU
+    # machines (4e-5 on another): MACRO's step divides by the gradient's norm, and the router's
+    # gradient sums expert outputs in another order under the all-to-all; a wrong gradient is O(1)
+    _same_weights(reference, "macro", str(tmp_path), update_rtol=3e-4)
 
 
 def uneven_work(rank, world_size, parallel_kw, weights):

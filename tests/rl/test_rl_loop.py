@@ -153,7 +153,7 @@ def run(rank, world_size, data_dir, run_dir, init_from, extra=()):
 
 def reward_model(rank, world_size, data_dir, init_from, out_dir):
     """tools/train_reward_model.py end to end (few steps), then the saved RM as a preference reward."""
-    pairs, path = os.path.join(out_dir, "pairs.jsonl"), os.path.join(out_dir, "rm.pt")
+    pairs, path = os.path.join(out_dir, "pairs.jsonl"), os.path.join(out_dir, "rm")
     res = train_reward_model(
         [
             "--config", "examples/rl/rl_tiny.yaml", "--pairs", pairs, "--out", path, "--steps", "12",
