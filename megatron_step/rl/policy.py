@@ -32,16 +32,19 @@ here; see platform.parallel on batch_p2p_comm): fixed shapes work for every sche
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+from megatron_step.models.step_flash import build_step_flash
 from megatron_step.platform import to_device
 from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.engine import index_routers, router_replays
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
+from megatron_step.training import checkpoint
 from megatron_step.training.step import forward_backward, from_last_stage, train_step
 
 
@@ -198,12 +201,32 @@ def _old_logp_step(data_iterator, model):
 
 class PolicyUpdate:
     """One optimizer step of the policy loss on prompt groups (`__call__`): group advantages, packed
-    microbatches with pi_old from the trainer's forward, Megatron-Core's forward-backward with routing
-    replayed, the optimizer step (megatron_step.training.step.train_step)."""
+    microbatches with pi_old from the trainer's forward (and pi_ref from `reference`), Megatron-Core's
+    forward-backward with routing replayed, the optimizer step (megatron_step.training.step.train_step).
+
+    `reference`: the frozen reference model's chunks in the trainer's layout (see
+    `build_reference`), needed when `loss.kl_coef > 0`: its log-probs of the same packed batches, the
+    rollout routing replayed as in the policy's forwards (so the KL compares the two models on the
+    same expert choices), give the per-token k3 term of megatron_step.rl.losses."""
 
     def __init__(
-        self, chunks, optimizer, scheduler, loss: PolicyLossConfig, micro_batch_size: int, replay=True
+        self,
+        chunks,
+        optimizer,
+        scheduler,
+        loss: PolicyLossConfig,
+        micro_batch_size: int,
+        replay=True,
+        reference=None,
     ):
+        if loss.kl_coef > 0 and reference is None:
+            raise ValueError(
+                f"rl.loss.kl_coef={loss.kl_coef} needs a reference model (PolicyUpdate(reference=...); "
+                "the RL stage builds it from rl.init_from)"
+            )
+        self.reference = None if reference is None else [getattr(c, "module", c) for c in reference]
+        if self.reference is not None:
+            index_routers(self.reference)
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.forward_step = make_forward_step(loss)
         self.mbs, self.replay = micro_batch_size, replay
@@ -274,6 +297,13 @@ class PolicyUpdate:
             )
         for b, m in zip(micro, got):  # the last pipeline stage (where the loss is) has them
             b["old_logp"] = m["logp"] * b["mask"]
+        if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
+            with torch.no_grad():
+                got = forward_backward(
+                    self.reference, micro, forward_step=_old_logp_step, forward_only=True, **shape
+                )
+            for b, m in zip(micro, got):
+                b["ref_logp"] = m["logp"] * b["mask"]
         result = train_step(
             self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step, **shape
         )
@@ -295,4 +325,26 @@ class PolicyUpdate:
         return metrics
 
 
-__all__ = ["PolicyUpdate", "make_forward_step", "model_output", "pack", "set_replay", "token_logp"]
+def build_reference(model_cfg, parallel, run_dir: str) -> list:
+    """The frozen reference model for the KL term: one module per (virtual) pipeline stage in the
+    trainer's layout, the weights of `run_dir`'s latest checkpoint (the policy's starting point), no
+    gradients, no optimizer. It costs one more copy of the model's weights per rank."""
+    modules = [
+        build_step_flash(model_cfg, parallel, vp_stage=v)
+        for v in (range(parallel.vpp) if parallel.vpp else [None])
+    ]
+    for m in modules:
+        m.requires_grad_(False)
+    checkpoint.load_model_weights(run_dir, [types.SimpleNamespace(module=m) for m in modules])
+    return modules
+
+
+__all__ = [
+    "PolicyUpdate",
+    "build_reference",
+    "make_forward_step",
+    "model_output",
+    "pack",
+    "set_replay",
+    "token_logp",
+]

@@ -44,7 +44,7 @@ from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
 from megatron_step.rl.engine import Engine
 from megatron_step.rl.lockstep import Lockstep
-from megatron_step.rl.policy import PolicyUpdate
+from megatron_step.rl.policy import PolicyUpdate, build_reference
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward, resolve_reward_fn
@@ -238,7 +238,11 @@ def train_rl(cfg: RLRunConfig) -> dict:
     )
     sampler = RolloutSampler(r, task, tokenizer, engine, runner, t.seed, t.run_dir, preference=pref)
     evaluator = Evaluator(r, task, sampler, engine, t.seed)  # the trainer's weights, also in async mode
-    update = PolicyUpdate(chunks, optimizer, scheduler, r.loss, t.micro_batch_size, replay=r.routing_replay)
+    # the KL term's reference: the policy's starting weights, frozen, in the same layout
+    reference = build_reference(model, cfg.parallel, init_from) if r.loss.kl_coef > 0 else None
+    update = PolicyUpdate(
+        chunks, optimizer, scheduler, r.loss, t.micro_batch_size, replay=r.routing_replay, reference=reference
+    )
     monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
     monitor.banner(run_banner(env, cfg.to_dict(), init_from=init_from))
     run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor)

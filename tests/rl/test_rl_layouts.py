@@ -33,7 +33,7 @@ from megatron_step.rl.engine import Engine, SamplingParams
 from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.lockstep import keyed_uniforms
 from megatron_step.rl.losses import PolicyLossConfig
-from megatron_step.rl.policy import PolicyUpdate
+from megatron_step.rl.policy import PolicyUpdate, pack, token_logp
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward
@@ -127,10 +127,29 @@ def _dp_gather(local: list) -> list:
     return [x for p in parts for x in p]
 
 
+def _reference_model(parallel_kw, weights: str) -> list:
+    """A frozen reference model for the KL term, in the layout of `parallel_kw` (set up already): the
+    initial weights plus fixed noise (so that KL(pi || pi_ref) > 0), made and saved by the first
+    1-process run under <weights>_ref and loaded (resharded) by the others."""
+    parallel, path = ParallelConfig(**parallel_kw), weights + "_ref"
+    stages = range(parallel.vpp) if parallel.vpp else [None]
+    modules = [build_step_flash(_model_cfg(), parallel, vp_stage=v).requires_grad_(False) for v in stages]
+    if not os.path.isdir(path) and dist.get_world_size() == 1:
+        _load(modules, weights)
+        g = torch.Generator().manual_seed(5)
+        for p in modules[0].parameters():
+            p.add_(0.2 * p.detach().abs().mean() * torch.randn(p.shape, generator=g))
+        _save(modules, path)
+    else:
+        _load(modules, path)
+    return modules
+
+
 def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
     weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
-    kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)."""
+    kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)
+    | kl (plain rollouts, a KL term to a frozen reference model, rl.loss.kl_coef = 0.5)."""
     optim = "macro" if kind == "macro" else "adam"
     chunks, opt, sched = _build(parallel_kw, weights, save, optim, model_cfg)
     engine = Engine(chunks, eos_id=EOS)
@@ -164,7 +183,9 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         ]
         for k in range(0, len(rows), G)
     ]
-    update = PolicyUpdate(chunks, opt, sched, PolicyLossConfig("mispo"), micro_batch_size=2)
+    loss_cfg = PolicyLossConfig("mispo", kl_coef=0.5 if kind == "kl" else 0.0)
+    reference = _reference_model(parallel_kw, weights) if kind == "kl" else None
+    update = PolicyUpdate(chunks, opt, sched, loss_cfg, micro_batch_size=2, reference=reference)
     metrics = update(groups)
     _save([c.module for c in chunks], out)
     summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
@@ -191,7 +212,7 @@ def full_weights(rank, world_size, run_dirs, model_cfg=None):
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_layouts")
     refs = {}
-    for kind in ("plain", "e3rl", "macro"):
+    for kind in ("plain", "e3rl", "macro", "kl"):
         weights, out = str(root / "weights"), str(root / f"ref_{kind}")
         (res,) = run_distributed(rollouts_and_update, 1, {}, weights, out, kind == "plain", kind)
         refs[kind] = {"res": res, "out": out}
@@ -286,6 +307,59 @@ def test_e3rl_rollouts_with_erasures_match_one_process(kw, reference, tmp_path):
     got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "e3rl")[0]
     _same_rollouts(got, want, "sampled")
     _same_weights(reference, "e3rl", str(tmp_path))
+
+
+@pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}], ids=["ep2", "pp2"])
+def test_kl_to_a_reference_model_updates_as_one_process(kw, reference, tmp_path):
+    """rl.loss.kl_coef > 0: the frozen reference model (resharded to the layout) gives the same
+    pi_ref, KL metric, loss and weights as one process."""
+    want = reference["kl"]["res"]
+    assert want["metrics"]["policy/kl_ref"] > 1e-4, want["metrics"]  # the reference differs
+    got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "kl")[0]
+    _same_rollouts(got, want, "sampled")
+    for key in ("policy/loss", "policy/kl_ref"):
+        assert abs(got["metrics"][key] - want["metrics"][key]) <= 1e-5 * max(1.0, abs(want["metrics"][key]))
+    _same_weights(reference, "kl", str(tmp_path))
+
+
+def kl_by_hand(rank, world_size, weights):
+    """One microbatch of greedy rollouts: PolicyUpdate's KL metric and its loss at kl_coef 0 and 0.5
+    (gradients only, no optimizer: the weights stay put), and the k3 mean computed here from the two
+    models' own log-probs."""
+    chunks, _, _ = _build({}, weights, False)
+    ref = _reference_model({}, weights)
+    gens = Engine(chunks, eos_id=EOS).generate(
+        _prompts(512)[:4], SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True)
+    )
+    group = [
+        Rollout(g.prompt_ids, g.response_ids, g.logprobs, float(i % 2), 0, 0, routing=g.routing)
+        for i, g in enumerate(gens)
+    ]
+    losses = {}
+    for coef in (0.0, 0.5):
+        update = PolicyUpdate(
+            chunks, None, None, PolicyLossConfig("mispo", kl_coef=coef), micro_batch_size=4, reference=ref
+        )
+        losses[coef] = update([group])
+    items = [
+        {"prompt_ids": r.prompt_ids, "response_ids": r.response_ids, "routing": r.routing} for r in group
+    ]
+    batch = pack(items)
+    with torch.no_grad():
+        d = token_logp(ref[0], batch) - token_logp(chunks[0], batch)
+    k3 = (torch.exp(d) - d - 1.0) * batch["mask"]
+    return losses, float(k3.sum() / batch["mask"].sum())
+
+
+def test_the_kl_term_matches_a_hand_computation(reference):
+    losses, hand = run_distributed(kl_by_hand, 1, reference["weights"])[0]
+    assert hand > 1e-4
+    for m in losses.values():
+        assert abs(m["policy/kl_ref"] - hand) <= 1e-6 * hand, (m["policy/kl_ref"], hand)
+    # token-level mean over one microbatch: the loss moves by kl_coef x the mean k3 (up to the fp32
+    # rounding of the loss itself, ~1e-7)
+    diff = losses[0.5]["policy/loss"] - losses[0.0]["policy/loss"]
+    assert abs(diff - 0.5 * hand) <= 1e-6 * max(1.0, abs(losses[0.0]["policy/loss"])), (diff, 0.5 * hand)
 
 
 def test_keyed_sampling_depends_on_the_key_only():

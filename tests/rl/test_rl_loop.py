@@ -169,3 +169,15 @@ def reward_model(rank, world_size, data_dir, init_from, out_dir):
     scores = pref.score_batch([("Q: What is 2 + 3?\nA:", ref, ref), ("Q: What is 2 + 3?\nA:", padded, ref)])
     platform.teardown()
     return {"losses": res["losses"], "scores": scores, "n_ref": len(pref.tokenizer.encode(ref))}
+
+
+def test_a_kl_term_to_the_reference_model_runs_in_the_stage(dirs):
+    """rl.loss.kl_coef > 0: the stage builds the frozen reference from rl.init_from; the KL starts at 0
+    (the policy is the reference) and grows as the policy moves."""
+    run_dir = str(dirs["root"] / "kl")
+    # a reward that separates the responses of a group, so the policy moves from the first step
+    extra = ("rl.loss.kl_coef=0.1", "optim.lr=1e-3", "rl.reward_fn=tests.rl._rewards_fixtures:length_reward")
+    run_distributed(run, 1, dirs["data"], run_dir, dirs["sft"], extra)
+    kl = read_run(run_dir, ["policy/kl_ref"])["policy/kl_ref"]
+    assert sorted(kl) == [1, 2, 3], kl
+    assert kl[1] < 1e-6 and kl[3] > kl[1] and kl[3] > 1e-7, kl
