@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,8 +118,16 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     """The mapping a run YAML holds ({} without a file)."""
     if not path:
         return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file (the run YAMLs live under examples/)")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     return raw

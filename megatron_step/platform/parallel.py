@@ -31,6 +31,11 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if self.cp > 1:  # Megatron-Core would accept it, and the run would silently train something else
+            raise ValueError(
+                f"parallel.cp={self.cp}: context parallelism is not built here (no batch is split per CP "
+                "rank and the local attention has no CP path); use parallel.cp=1"
+            )
         if self.vpp is not None:
             if not isinstance(self.vpp, int) or self.vpp < 1:
                 raise ValueError(f"parallel.vpp must be None or a positive integer, got {self.vpp!r}")

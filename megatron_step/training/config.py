@@ -28,6 +28,13 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("eval_interval", "eval_steps", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 0 (0: off)")
+        if self.exit_after is not None and self.exit_after < 1:
+            raise ValueError(
+                f"train.exit_after={self.exit_after}: must be >= 1 (or null: run to train.steps)"
+            )
 
 
 __all__ = ["TrainConfig"]

@@ -9,6 +9,7 @@ from megatron_step.config.run import (
     MMRPTRunConfig,
     PretrainConfig,
     RLRunConfig,
+    cli_run_config,
     load_model_config,
     load_run_config,
 )
@@ -73,6 +74,11 @@ def test_yaml_values_are_coerced_like_overrides(tmp_path):
         ("rl.loss.clip=0.1", "PolicyLossConfig has no field 'clip'"),
         ("rl.rollout=erase", "rl.rollout='erase': one of plain, e3rl"),
         ("rl.rollout=e3rl rl.e3rl.num_segments=3", r"= 24 must equal rl.max_new_tokens\(40\)"),
+        ("train.save_interval=-2", r"train.save_interval=-2: must be >= 0 \(0: off\)"),
+        ("train.eval_interval=-1", r"train.eval_interval=-1: must be >= 0"),
+        ("train.exit_after=0", r"train.exit_after=0: must be >= 1"),
+        ("train.steps=3.5", "train.steps=3.5: expected an integer"),
+        ("parallel.cp=2", "parallel.cp=2: context parallelism is not built here"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -116,3 +122,21 @@ def test_batch_must_divide_over_data_parallel_ranks():
         ValueError, match=r"global_batch_size\(6\) is not divisible by micro_batch_size\(4\) \* dp\(1\)"
     ):
         cfg.validate(1)
+
+
+def test_a_missing_file_and_bad_yaml_are_config_errors_with_the_place(tmp_path):
+    with pytest.raises(ValueError, match="no_such.yaml: no such file"):
+        load_run_config(str(tmp_path / "no_such.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  run_dir: [runs/x\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:4:1: not valid YAML"):
+        load_run_config(str(bad))
+
+
+def test_the_cli_reports_config_errors_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: 1e-3\n")
+    with pytest.raises(SystemExit, match="config error: .*bad.yaml:2:1: not valid YAML"):
+        cli_run_config("x", ["--config", str(bad)])
+    with pytest.raises(SystemExit, match="config error: --config .*nope.yaml: no such file"):
+        cli_run_config("x", ["--config", str(tmp_path / "nope.yaml")])
