@@ -48,7 +48,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-pairs", type=int, default=3000, help="pairs to generate when --pairs is absent")
     ap.add_argument("overrides", nargs="*", help="section.field=value")
     args = ap.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides, RLRunConfig)
+    try:
+        cfg = load_run_config(args.config, args.overrides, RLRunConfig)
+    except ValueError as e:  # the field, the value and what is wrong; no traceback
+        raise SystemExit(f"config error: {e}") from None
     env = platform.setup(cfg.parallel, seed=cfg.train.seed)
     if env.world_size > 1:
         raise SystemExit(
