@@ -291,19 +291,10 @@ class PolicyUpdate:
         self.padded += n - n_real
         t0 = time.perf_counter()
         shape = {"seq_length": max(b["tokens"].shape[1] for b in micro), "micro_batch_size": self.mbs}
-        with torch.no_grad():  # pi_old: the trainer's forward at the version that generated (this one)
-            got = forward_backward(
-                self.chunks, micro, forward_step=_old_logp_step, forward_only=True, **shape
-            )
-        for b, m in zip(micro, got):  # the last pipeline stage (where the loss is) has them
-            b["old_logp"] = m["logp"] * b["mask"]
+        # pi_old: the trainer's forward at the version that generated (this one)
+        _store_logp(self.chunks, micro, "old_logp", shape)
         if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
-            with torch.no_grad():
-                got = forward_backward(
-                    self.reference, micro, forward_step=_old_logp_step, forward_only=True, **shape
-                )
-            for b, m in zip(micro, got):
-                b["ref_logp"] = m["logp"] * b["mask"]
+            _store_logp(self.reference, micro, "ref_logp", shape)
         result = train_step(
             self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step, **shape
         )
@@ -323,6 +314,15 @@ class PolicyUpdate:
             }
         )
         return metrics
+
+
+@torch.no_grad()
+def _store_logp(chunks, micro: list[dict], key: str, shape: dict) -> None:
+    """batch[key] = log-probs of `chunks` on each microbatch (forward only, Megatron-Core's schedule),
+    masked; set on the last pipeline stage, where the loss reads them."""
+    got = forward_backward(chunks, micro, forward_step=_old_logp_step, forward_only=True, **shape)
+    for b, m in zip(micro, got):
+        b[key] = m["logp"] * b["mask"]
 
 
 def build_reference(model_cfg, parallel, run_dir: str) -> list:
