@@ -40,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
 RTOL = 1e-5
 ENV = {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "PYTHONHASHSEED": "0"}
+# The runs' own TorchInductor cache (Megatron-Core compiles its fused MoE / activation helpers with
+# torch.compile): with torch 2.14.1 a kernel cached by a process pinned to AVX2 and then loaded by one
+# on AVX-512 (every other test, a user's run) corrupted the heap -- "corrupted size vs. prev_size"
+# in Megatron-Core's MoE permute, measured on an AVX-512 machine; a cache of its own keeps the two apart.
+CACHE_ENV = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(), "torchinductor_golden_avx2")}
 
 
 @dataclass
@@ -301,7 +307,7 @@ def execute(run: Run, work: str, log=print) -> float:
     """Run `run` (its `needs` must have run in `work`); returns its wall time."""
     args = [a.format(work=work) for a in run.overrides]
     cmd = [sys.executable, os.path.join(REPO, run.script), "--config", run.config, *args]
-    env = {**os.environ, **ENV, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **ENV, **CACHE_ENV, "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -361,7 +367,9 @@ def main(argv=None) -> int:
     bad = 0
     for run in runs:
         for file in run.outputs:
-            if args.names and file not in args.names and run.name not in args.names:
+            # a name that is a file's (rl_sync is a run's and a file's) selects that file only
+            chosen = file in args.names or (run.name in args.names and run.name not in FILES)
+            if args.names and not chosen:
                 continue
             if args.write:
                 for old in variants(file):

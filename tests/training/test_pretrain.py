@@ -139,6 +139,8 @@ def test_two_process_dp_matches_one_process(data_dir, golden_run, tmp_path, monk
     one = read_run(os.path.join(golden_run("pretrain"), "pretrain"), ["train/lm_loss"])["train/lm_loss"]
     for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR"):  # the golden run's kernels (its thread count differs)
         monkeypatch.setenv(name, runs.ENV[name])
+    for name, value in runs.CACHE_ENV.items():  # and its kernel cache (runs.py says why)
+        monkeypatch.setenv(name, value)
     overrides = [a for a in runs.BY_NAME["pretrain"].overrides if "{work}" not in a]
     # "spawn": fresh interpreters read those variables (a forkserver's ranks inherit the server's kernels)
     two = run_distributed(
