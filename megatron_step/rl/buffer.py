@@ -41,10 +41,14 @@ class Rollout:
     # None: every token takes the sequence advantage as is
     adv_scale: list[float] | None = None
     image: torch.Tensor | None = None  # (3, H, W) the image in the prompt (the image-text model, MMRPT)
+    # log pi_old of each response token: the trainer's forward with the weights of `version` (the
+    # behaviour policy in the trainer's numerics), taken right after sampling (async generation);
+    # None: the update takes it from its current weights, which are that version (sync)
+    old_logp: list[float] | None = None
     info: dict = field(default_factory=dict)  # what the trainer does not read: correctness, entropy, ...
 
     def __post_init__(self):
-        for name in ("rollout_logp", "adv_scale"):
+        for name in ("rollout_logp", "adv_scale", "old_logp"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.response_ids):
                 raise ValueError(

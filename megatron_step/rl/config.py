@@ -116,8 +116,12 @@ class RLConfig:
     # compares rollout schemes at an equal sampling budget
     max_tokens_sampled: int = 0
     # --- off-policy ---------------------------------------------------------------------------------------
-    async_mode: bool = False  # generate step k+1 (on a synced inference replica) while training step k
+    async_mode: bool = False  # generate ahead (on a synced inference replica) while the trainer updates
     max_staleness: int = 1  # rollouts at most this many policy versions behind are trained on
+    # async: how many policy versions the generator may run ahead of the trainer (None: max_staleness,
+    # nothing goes stale); larger than max_staleness, the surplus goes stale and is dropped (counted
+    # in rl/dropped_groups): fresher data for generation that may be wasted
+    max_ahead: int | None = None
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "eval_problems", "reward_workers"):
@@ -131,6 +135,8 @@ class RLConfig:
             raise ValueError(f"rl.eval_samples={self.eval_samples}: must be >= 0 (0: greedy evaluation only)")
         if self.max_staleness < 0:
             raise ValueError(f"rl.max_staleness={self.max_staleness}: must be >= 0")
+        if self.max_ahead is not None and self.max_ahead < 0:
+            raise ValueError(f"rl.max_ahead={self.max_ahead}: must be >= 0 (or null: rl.max_staleness)")
         if self.rollout not in ("plain", "e3rl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
         if self.rollout == "e3rl" and self.e3rl.max_new_tokens != self.max_new_tokens:

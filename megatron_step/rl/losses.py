@@ -5,25 +5,41 @@
     loss, metrics = policy_loss(logp_BT, old_logp_BT, rollout_logp_BT, adv_B, mask_BT, cfg)
     loss.backward()
 
-Three policies meet in one update. All inputs are per-token log-probabilities of the *sampled* token:
+Four policies meet in one update. All inputs are per-token log-probabilities of the *sampled* token;
+v is the policy version that sampled the rollout, c >= v the trainer's version now (c - v: staleness):
 
-  pi_rollout  the inference engine that sampled the response (the log-probs it recorded while sampling);
-  pi_old      the trainer's forward at the policy version that generated the rollout (no grad). It
-              differs from pi_rollout even at the same weights: other kernels, precision, MoE routing;
-  pi_theta    the trainer's current forward (requires grad).
+  pi_rollout  the inference engine that sampled the response at version v (the log-probs it recorded
+              while sampling): the behaviour policy as the engine computes it;
+  pi_old      the trainer's forward with the weights of version v (no grad): the behaviour policy in
+              the trainer's numerics. It differs from pi_rollout even at the same weights (other
+              kernels, precision, MoE routing);
+  pi_prox     the trainer's forward with its current weights (version c), before this update (no
+              grad): the "proximal" policy of decoupled PPO. pi_prox = pi_old when c = v (sync RL);
+  pi_theta    the trainer's current forward (requires grad); equal to pi_prox in value at the first
+              (here: only) optimizer step of an update.
 
-x_t = pi_old / pi_rollout is the train-inference mismatch of token t. GRPO ignores it; TIS multiplies the
-loss by the truncated weight min(x_t, cap); MIS-PO (Step 3.5 Flash) drops tokens and whole trajectories
-whose mismatch is large, with binary masks instead of weights (docs/design.md §5.2). Every kind reports the
-mismatch and what the MIS-PO masks would keep, so a GRPO run shows whether it would need them.
+How each kind treats mismatch and staleness (docs/design.md, "Off-policy"):
+  grpo   PPO clip on r = pi_theta / pi_old: a stale rollout's ratio starts at pi_prox / pi_old != 1,
+         and the clip bounds how far the update moves from the behaviour policy; the train-inference
+         mismatch is ignored.
+  tis    grpo times the truncated weight w = min(pi_old / pi_rollout, tis_cap): the engine mismatch
+         at version v corrected with bounded variance, staleness by the PPO ratio as in grpo.
+  mispo  (Step 3.5 Flash) no ratio, no weight: binary masks on x_t = pi_prox / pi_rollout -- the
+         report's pi_old is "the trainer's" policy of this update, so x_t carries staleness and
+         engine mismatch together -- token t kept when x_t in [0.5, 2], a trajectory when the
+         geometric mean of its x_t is in [0.996, 1.001]; kept samples are treated as on-policy.
+Every kind reports the mismatch and what the MIS-PO masks would keep, so a GRPO run shows whether it
+would need them.
 
 Numerics: everything is computed in fp32. Masked-out positions (padding, prompt, tool output) may hold
 -inf or nan log-probs; they are replaced by 0 with `torch.where` before any arithmetic, so they contribute
 exactly zero to the loss and to the gradient (multiplying by a 0/1 mask would give 0 * nan = nan).
 
-Reduction is local to the tensors passed in. With gradient accumulation or data parallelism the caller
-scales each micro-batch's loss by its share of the global token (or sequence) count; `metrics["tokens"]`
-is this call's count.
+Reduction: the sum over the kept tokens (or, token_level_mean=False, of the per-sequence means) divided
+by `normalizer`, by default this call's count of tokens (sequences). With gradient accumulation or data
+parallelism the caller passes the step's global count, scaled to what the schedule and DDP divide by
+again (PolicyUpdate does: the mean is then over every token of the step, whatever the micro-batches);
+`metrics["tokens"]` is this call's count.
 
 Extension point: a loss kind is a `PerTokenLoss` callable registered in `POLICY_LOSSES` under its name
 (`register_policy_loss`); `PolicyLossConfig.kind` selects it.
@@ -106,9 +122,10 @@ class LossTerms:
     arithmetic on them is safe; `policy_loss` zeroes the masked positions of the result again."""
 
     logp: Tensor  # (B, T) log pi_theta, carries the gradient
-    old_logp: Tensor  # (B, T) log pi_old, detached
+    old_logp: Tensor  # (B, T) log pi_old (the trainer at the sampling version), detached
     rollout_logp: Tensor  # (B, T) log pi_rollout, detached
-    log_x: Tensor  # (B, T) log x_t = old_logp - rollout_logp
+    log_x: Tensor  # (B, T) log x_t = log pi_prox - rollout_logp (MIS-PO's masks)
+    log_w: Tensor  # (B, T) log pi_old - rollout_logp: the engine mismatch at the sampling version (TIS)
     adv: Tensor  # (B, T) advantages, broadcast over T when given per sequence, detached
     keep: Tensor  # (B, T) bool, response tokens that count
     token_keep: Tensor  # (B, T) bool, MIS-PO token mask (within `keep`)
@@ -132,7 +149,8 @@ def ppo_clip_loss(t: LossTerms, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str
     clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.eps_high)
     obj, obj_clipped = ratio * t.adv, clipped * t.adv  # (B, T)
     per_token = -torch.minimum(obj, obj_clipped)
-    return per_token, {"clip_frac": t.mean((obj_clipped < obj).to(F32))}
+    # r as the update starts (pi_prox / pi_old in value): 1 on fresh rollouts, not on stale ones
+    return per_token, {"clip_frac": t.mean((obj_clipped < obj).to(F32)), "ppo_ratio_mean": t.mean(ratio)}
 
 
 def tis_loss(t: LossTerms, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
@@ -140,9 +158,9 @@ def tis_loss(t: LossTerms, cfg: PolicyLossConfig) -> tuple[Tensor, dict[str, Ten
     corrects (with bounded variance) for sampling from pi_rollout while the ratio is taken to pi_old."""
     per_token, metrics = ppo_clip_loss(t, cfg)
     # min(x, cap) as exp(min(log x, log cap)): the same value, without overflowing exp for a large log x.
-    w = torch.exp(t.log_x.clamp(max=math.log(cfg.tis_cap)))  # (B, T), no grad: built from old/rollout
+    w = torch.exp(t.log_w.clamp(max=math.log(cfg.tis_cap)))  # (B, T), no grad: built from old/rollout
     metrics["tis_weight_mean"] = t.mean(w)
-    metrics["tis_trunc_frac"] = t.mean((t.log_x > math.log(cfg.tis_cap)).to(F32))
+    metrics["tis_trunc_frac"] = t.mean((t.log_w > math.log(cfg.tis_cap)).to(F32))
     return per_token * w, metrics
 
 
@@ -204,29 +222,44 @@ def policy_loss(
     mask: Tensor,
     cfg: PolicyLossConfig,
     ref_logp: Tensor | None = None,
+    normalizer: float | None = None,
+    prox_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The policy loss of `cfg.kind` (+ kl_coef x k3 KL to `ref_logp`), reduced over `mask`.
+    """The policy loss of `cfg.kind` (+ kl_coef x k3 KL to `ref_logp`), reduced over `mask`: summed
+    and divided by `normalizer` (default: this call's token count, or sequence count when
+    cfg.token_level_mean is False; see the module docstring for the step-global mean).
 
     logp (B, T) log pi_theta (grad); old_logp, rollout_logp (B, T) log pi_old, log pi_rollout (no grad);
-    advantages (B,) or (B, T); mask (B, T), nonzero for response tokens that count; ref_logp (B, T) or None.
-    Returns the scalar fp32 loss and python-float metrics (one device sync for all of them):
+    advantages (B,) or (B, T); mask (B, T), nonzero for response tokens that count; ref_logp (B, T) or None;
+    prox_logp (B, T) log pi_prox, the trainer's current weights (None: = old_logp, the rollouts are
+    from the current version). Returns the scalar fp32 loss and python-float metrics (one device sync
+    for all of them):
 
-      mismatch_kl      mean of log pi_rollout - log pi_old = -log x_t over the tokens: the k1 estimator of
+      mismatch_kl      mean of log pi_rollout - log pi_old over the tokens: the k1 estimator of
                        KL(pi_rollout || pi_old) under the rollout's own samples (unbiased, can be < 0);
-      mismatch_k3      mean of x_t - 1 - log x_t: the k3 estimator of the same KL (unbiased, >= 0);
-      ratio_mean/min/max   of x_t = pi_old / pi_rollout over the tokens (1 when there are none);
+      mismatch_k3      mean of w - 1 - log w, w = pi_old / pi_rollout: the k3 estimator of the same KL;
+      staleness_kl     mean of log pi_old - log pi_prox: k1 of KL(pi_old || pi_prox), how far the
+                       trainer moved since the rollouts were sampled (0 when they are fresh);
+      ratio_mean/min/max   of x_t = pi_prox / pi_rollout over the tokens (1 when there are none);
       token_mask_rate  share of tokens the MIS-PO token mask keeps; traj_mask_rate: share of sequences
                        (with tokens) the trajectory mask keeps; keep_rate: share of tokens kept by both.
                        Computed for every kind, as diagnostics;
       tokens           number of tokens in the mask;
       clip_frac        (grpo, tis) share of tokens whose ratio clip removed the gradient;
+      ppo_ratio_mean   (grpo, tis) mean of r = pi_theta / pi_old as the update starts;
       tis_weight_mean, tis_trunc_frac   (tis) mean weight, share of weights cut at tis_cap;
       kl_ref           (ref_logp given) mean k3 estimate of KL(pi_theta || pi_ref).
     """
     shape = tuple(logp.shape)
     if logp.dim() != 2 or logp.numel() == 0:
         raise ValueError(f"logp must be a non-empty (B, T) tensor, got shape {shape}")
-    named = {"old_logp": old_logp, "rollout_logp": rollout_logp, "mask": mask, "ref_logp": ref_logp}
+    named = {
+        "old_logp": old_logp,
+        "rollout_logp": rollout_logp,
+        "mask": mask,
+        "ref_logp": ref_logp,
+        "prox_logp": prox_logp,
+    }
     for name, x in named.items():
         if x is not None and tuple(x.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, logp has {shape}")
@@ -244,10 +277,12 @@ def policy_loss(
     if adv.dim() == 1:
         adv = adv[:, None].expand(shape)
     logp_, old_, roll_ = clean(logp), clean(old_logp.detach()), clean(rollout_logp.detach())  # (B, T)
-    log_x = old_ - roll_  # (B, T) log(pi_old / pi_rollout), 0 at masked positions
+    prox_ = old_ if prox_logp is None else clean(prox_logp.detach())  # (B, T)
+    log_w = old_ - roll_  # (B, T) log(pi_old / pi_rollout), 0 at masked positions
+    log_x = log_w if prox_logp is None else prox_ - roll_  # (B, T) log(pi_prox / pi_rollout)
     n_tok = keep.to(F32).sum(dim=-1)  # (B,)
     token_keep, traj_keep = _mispo_masks(log_x, keep, n_tok, cfg)
-    t = LossTerms(logp_, old_, roll_, log_x, clean(adv), keep, token_keep, traj_keep, n_tok.sum())
+    t = LossTerms(logp_, old_, roll_, log_x, log_w, clean(adv), keep, token_keep, traj_keep, n_tok.sum())
 
     per_token, extra = POLICY_LOSSES[cfg.kind](t, cfg)  # (B, T)
     if ref_logp is not None:
@@ -259,18 +294,19 @@ def policy_loss(
     per_token = torch.where(keep, per_token, 0.0)  # (B, T)
 
     if cfg.token_level_mean:
-        loss = per_token.sum() / t.n_tokens.clamp(min=1.0)
+        total, count = per_token.sum(), t.n_tokens
     else:
-        per_seq = per_token.sum(dim=-1) / n_tok.clamp(min=1.0)  # (B,)
-        loss = per_seq.sum() / (n_tok > 0).sum().clamp(min=1)
+        total, count = (per_token.sum(dim=-1) / n_tok.clamp(min=1.0)).sum(), (n_tok > 0).sum()  # (B,) -> ()
+    loss = total / (count.clamp(min=1) if normalizer is None else max(float(normalizer), 1e-30))
 
     with torch.no_grad():
         x = torch.exp(log_x)  # (B, T)
         any_tok = t.n_tokens > 0
         n_seq = (n_tok > 0).sum().clamp(min=1)
         metrics = {
-            "mismatch_kl": t.mean(-log_x),
-            "mismatch_k3": t.mean(x - 1.0 - log_x),
+            "mismatch_kl": t.mean(-log_w),
+            "mismatch_k3": t.mean(torch.exp(log_w) - 1.0 - log_w),
+            "staleness_kl": t.mean(old_ - prox_),
             "ratio_mean": torch.where(any_tok, t.mean(x), 1.0),
             "ratio_min": torch.where(any_tok, torch.where(keep, x, math.inf).amin(), 1.0),
             "ratio_max": torch.where(any_tok, torch.where(keep, x, -math.inf).amax(), 1.0),

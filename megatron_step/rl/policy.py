@@ -9,7 +9,9 @@ Layout of a packed batch (B sequences, S = longest prompt + response - 1 positio
     tokens[b, s]   = (prompt + response)[s]          input, right-padded with pad_id
     labels[b, s]   = (prompt + response)[s + 1]      next token
     mask[b, s]     = 1 where labels[b, s] is a response token (the positions RL trains on)
-    old_logp, rollout_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask)
+    rollout_logp, old_logp, prox_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask);
+                     old_logp packed from the rollouts when they carry it (async generation),
+                     else, like prox_logp, the update's own forward (megatron_step.rl.losses)
     advantages     = (B,), or (B, S) when items carry per-token advantages (segment-level credit)
     images         = (B, 3, H, W) when items carry an "image" (the image-text model, models/vlm.py)
     routing[l]     = (S * B, K) experts of MoE layer l, rows in the router's order s * B + b
@@ -18,7 +20,8 @@ Layout of a packed batch (B sequences, S = longest prompt + response - 1 positio
 Per-token log-probabilities come from Megatron-Core's own (vocab-parallel) cross-entropy on the
 labels: logp = -CE, so TP needs no gathered logits.
 
-Both passes of an update (pi_old, then the policy loss) go through Megatron-Core's schedule (no
+Both passes of an update (pi_prox -- and pi_old where the rollouts do not carry it --, then the
+policy loss) go through Megatron-Core's schedule (no
 pipelining, 1F1B or interleaved), so PP and VPP need little of their own: the pipeline schedule
 sends tensors of one shape (seq_length, micro_batch_size, hidden), so under PP every microbatch of a
 step is packed to the step's longest sequence and `micro_batch_size` rows (padding rows train
@@ -45,7 +48,7 @@ from megatron_step.rl.engine import index_routers, router_replays
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
 from megatron_step.training import checkpoint
-from megatron_step.training.step import forward_backward, from_last_stage, train_step
+from megatron_step.training.step import dp_sum, forward_backward, from_last_stage, train_step
 
 
 def pack(
@@ -56,8 +59,9 @@ def pack(
     length: int | None = None,
     rows: int | None = None,
 ) -> dict:
-    """items: dicts with prompt_ids, response_ids, and optionally rollout_logp (per response token),
-    advantage, routing (per layer (n, K) as Generation.routing). Returns the batch described above,
+    """items: dicts with prompt_ids, response_ids, and optionally rollout_logp and old_logp (per
+    response token; old_logp on every item or none), advantage, routing (per layer (n, K) as
+    Generation.routing). Returns the batch described above,
     S rounded up to a multiple of `multiple_of` (sequence parallelism splits S over the TP ranks).
     `length` / `rows`: pad S and B up to these (fixed microbatch shapes for the pipeline schedule);
     padding rows have an empty mask and advantage 0, so they train nothing."""
@@ -67,20 +71,27 @@ def pack(
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
     labels = torch.full((b, s), pad_id, dtype=torch.long)
     mask = torch.zeros(b, s)
-    rollout = torch.zeros(b, s)
+    with_old = [it.get("old_logp") is not None for it in items]
+    if any(with_old) and not all(with_old):
+        raise ValueError(f"pack: {sum(with_old)} of {len(items)} items carry old_logp (all or none)")
+    per_token = {
+        "rollout_logp": torch.zeros(b, s),
+        **({"old_logp": torch.zeros(b, s)} if any(with_old) else {}),
+    }
     for i, (it, seq) in enumerate(zip(items, seqs)):
         n = len(seq) - 1
         tokens[i, :n] = torch.tensor(seq[:-1])
         labels[i, :n] = torch.tensor(seq[1:])
         p = len(it["prompt_ids"])
         mask[i, p - 1 : n] = 1.0  # labels p-1 .. n-1 are the response tokens
-        if it.get("rollout_logp") is not None:
-            rollout[i, p - 1 : n] = torch.tensor(it["rollout_logp"], dtype=torch.float32)
+        for key, out in per_token.items():
+            if it.get(key) is not None:
+                out[i, p - 1 : n] = torch.tensor(it[key], dtype=torch.float32)
     batch = {
         "tokens": tokens,
         "labels": labels,
         "mask": mask,
-        "rollout_logp": rollout,
+        **per_token,
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s),
     }
     if items[0].get("image") is not None:
@@ -158,9 +169,33 @@ def token_logp(model, batch: dict) -> torch.Tensor:
     return -model_output(model, batch).float()
 
 
+@torch.no_grad()
+def record_old_logp(model, rollouts: list[Rollout], micro_batch_size: int, replay: bool = True) -> None:
+    """Set each rollout's `old_logp`: log pi of its response tokens under `model` (the whole model,
+    PP = 1), the weights that sampled it -- the async generator calls it on its replica right after
+    sampling. Routing replayed from the rollout when `replay`, `micro_batch_size` rollouts per forward."""
+    for i in range(0, len(rollouts), micro_batch_size):
+        part = rollouts[i : i + micro_batch_size]
+        items = [
+            {
+                "prompt_ids": r.prompt_ids,
+                "response_ids": r.response_ids,
+                "routing": r.routing,
+                "image": r.image,
+            }
+            for r in part
+        ]
+        logp = token_logp(model, to_device(pack(items, replay=replay))).cpu()
+        for j, r in enumerate(part):
+            p = len(r.prompt_ids)
+            r.old_logp = logp[j, p - 1 : p - 1 + len(r.response_ids)].tolist()
+
+
 def make_forward_step(cfg: PolicyLossConfig):
     """A Megatron-Core `forward_step_func` over packed batches (see `pack`) with `policy_loss`.
-    The batch needs old_logp, rollout_logp, advantages, mask (and ref_logp for a KL term)."""
+    The batch needs old_logp, rollout_logp, advantages, mask (prox_logp for stale rollouts, ref_logp
+    for a KL term); its
+    optional "loss_normalizer" replaces the microbatch's own token count (PolicyUpdate: the step mean)."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -178,6 +213,8 @@ def make_forward_step(cfg: PolicyLossConfig):
                 batch["mask"],
                 cfg,
                 ref_logp=batch.get("ref_logp"),
+                normalizer=batch.get("loss_normalizer"),
+                prox_logp=batch.get("prox_logp"),
             )
             metrics = {k: torch.tensor(float(v)) for k, v in metrics.items()}
             return loss, {"loss": loss.detach().clone(), **metrics}
@@ -187,8 +224,8 @@ def make_forward_step(cfg: PolicyLossConfig):
     return forward_step
 
 
-def _old_logp_step(data_iterator, model):
-    """forward_step_func of the pi_old pass (forward only): the log-probs as the loss function's data."""
+def _logp_step(data_iterator, model):
+    """forward_step_func of a log-prob pass (forward only): the log-probs as the loss function's data."""
     batch = next(data_iterator)
     out = model_output(model, batch)
 
@@ -228,7 +265,7 @@ class PolicyUpdate:
         if self.reference is not None:
             index_routers(self.reference)
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
-        self.forward_step = make_forward_step(loss)
+        self.forward_step, self.loss = make_forward_step(loss), loss
         self.mbs, self.replay = micro_batch_size, replay
         self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
         self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
@@ -253,6 +290,26 @@ class PolicyUpdate:
         b["padding"] = True
         return b
 
+    def _normalize(self, micro: list[dict], n: int) -> None:
+        """Make the loss a mean over the whole step: every token of every microbatch of every DP rank
+        weighs the same (sequences, with token_level_mean False), however they fall into
+        microbatches. Megatron-Core's schedule divides each microbatch's loss by the microbatch count
+        n and DDP the gradients by the DP size, so a microbatch's loss sum is divided by
+        N / (n x dp), N the step's global count (one all-reduce over the DP group, before the
+        forwards). Megatron-Core's own per-token mode (config.calculate_per_token_loss) would
+        do the same but also changes how the MoE aux and MTP losses are scaled, and the SFT
+        warm-up on the same model uses the plain microbatch mean."""
+        token_level = self.loss.token_level_mean
+
+        def count(b):
+            return float(b["mask"].sum()) if token_level else float((b["mask"].sum(-1) > 0).sum())
+
+        local = sum(count(b) for b in micro if not b.get("padding"))
+        total = dp_sum(local)  # collective: the DP x CP group (every rank gets here once per update)
+        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        for b in micro:
+            b["loss_normalizer"] = max(total, 1.0) / (n * dp)
+
     def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
         """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
         rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
@@ -262,6 +319,7 @@ class PolicyUpdate:
                 "prompt_ids": r.prompt_ids,
                 "response_ids": r.response_ids,
                 "rollout_logp": r.rollout_logp,
+                "old_logp": r.old_logp,
                 # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
                 "advantage": (
                     float(adv[i, j]) if r.adv_scale is None else [float(adv[i, j]) * x for x in r.adv_scale]
@@ -289,10 +347,15 @@ class PolicyUpdate:
             n = -(-n // self.pp) * self.pp
         micro += [self.padding(micro, {"multiple_of": tp, **fixed}) for _ in range(n - n_real)]
         self.padded += n - n_real
+        self._normalize(micro, n)
         t0 = time.perf_counter()
         shape = {"seq_length": max(b["tokens"].shape[1] for b in micro), "micro_batch_size": self.mbs}
-        # pi_old: the trainer's forward at the version that generated (this one)
-        _store_logp(self.chunks, micro, "old_logp", shape)
+        # pi_prox: the trainer's current weights; it is pi_old too where the rollouts carry none
+        # (sync: they were sampled with these weights)
+        _store_logp(self.chunks, micro, "prox_logp", shape)
+        for b in micro:
+            if "prox_logp" in b and "old_logp" not in b:  # the last pipeline stage: where the loss runs
+                b["old_logp"] = b["prox_logp"]
         if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
             _store_logp(self.reference, micro, "ref_logp", shape)
         result = train_step(
@@ -301,9 +364,10 @@ class PolicyUpdate:
         self.skipped += not result.update_successful
         dt = time.perf_counter() - t0
         # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
-        metrics = from_last_stage(
-            {f"policy/{key}": result.mean(key) for key in (result.metrics[0] if result.metrics else {})}
-        )
+        local = {f"policy/{key}": result.mean(key) for key in (result.metrics[0] if result.metrics else {})}
+        if "policy/loss" in local:  # this rank's share of the step mean (see _normalize): dp_mean gives it
+            local["policy/loss"] = float(sum(float(m["loss"]) for m in result.metrics if "loss" in m)) / n
+        metrics = from_last_stage(local)
         n_tok = sum(float(b["mask"].sum()) for b in micro)
         metrics.update(
             {
@@ -320,7 +384,7 @@ class PolicyUpdate:
 def _store_logp(chunks, micro: list[dict], key: str, shape: dict) -> None:
     """batch[key] = log-probs of `chunks` on each microbatch (forward only, Megatron-Core's schedule),
     masked; set on the last pipeline stage, where the loss reads them."""
-    got = forward_backward(chunks, micro, forward_step=_old_logp_step, forward_only=True, **shape)
+    got = forward_backward(chunks, micro, forward_step=_logp_step, forward_only=True, **shape)
     for b, m in zip(micro, got):
         b[key] = m["logp"] * b["mask"]
 
@@ -345,6 +409,7 @@ __all__ = [
     "make_forward_step",
     "model_output",
     "pack",
+    "record_old_logp",
     "set_replay",
     "token_logp",
 ]

@@ -9,9 +9,10 @@
 
 Two loop shapes. Sync (`_run_sync`): generate with the training model itself (same parameters,
 nothing copied), score, update. Async (`rl.async_mode`, `_run_async`): an inference replica samples
-in a background thread (megatron_step.rl.async_gen) while the trainer updates; after every update
-the trainer copies its weights into the replica (the weight sync, timed) and the rollout buffer
-drops groups more than `rl.max_staleness` versions old.
+in a background thread (megatron_step.rl.async_gen), up to `rl.max_ahead` policy versions ahead,
+while the trainer updates; each rollout carries its version and pi_old (the replica's forward at
+that version); after every update the trainer copies its weights into the replica (the weight
+sync, timed) and the rollout buffer drops groups more than `rl.max_staleness` versions old.
 
 Layouts: each DP rank generates, scores and trains on its own share of each step's prompts (chosen
 from one stream shared by all ranks, sampled with keyed randomness: the rollouts do not depend on the
@@ -171,7 +172,10 @@ def _run_async(run: _Run, replica) -> None:
     updates, and copies its weights into the replica."""
     t, r, s = run.cfg.train, run.cfg.rl, run.sampler
     buffer = RolloutBuffer(r.max_staleness, group_size=r.group_size)
-    gen = AsyncGenerator(s, replica, run.chunks[0].module, buffer, t.steps + r.max_staleness + 1)
+    ahead = r.max_staleness if r.max_ahead is None else r.max_ahead
+    gen = AsyncGenerator(
+        s, replica, run.chunks[0].module, buffer, ahead, t.micro_batch_size, replay=r.routing_replay
+    )
     try:
         for step in range(t.steps):
             t0 = time.perf_counter()

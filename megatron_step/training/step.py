@@ -42,6 +42,7 @@ from megatron_step.platform import compute_device, to_device
 __all__ = [
     "StepResult",
     "dp_mean",
+    "dp_sum",
     "forward_backward",
     "from_last_stage",
     "lm_forward_step",
@@ -194,6 +195,17 @@ def dp_mean(metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = (
     for i, k in enumerate(keys):
         out[k] = float(peaks[i]) if k in max_keys else float(sums[i]) / float(present[i])
     return out
+
+
+def dp_sum(value: float, group=None) -> float:
+    """The sum of `value` over the ranks of `group` (default: data parallel x context parallel), in
+    float64 on the compute device: e.g. a step's token count, for a mean over the whole step."""
+    group = _dp_group() if group is None else group
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=compute_device())
+    dist.all_reduce(t, group=group)
+    return float(t[0])
 
 
 def from_last_stage(metrics: dict[str, float], group=None) -> dict[str, float]:

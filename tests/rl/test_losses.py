@@ -386,3 +386,23 @@ def test_register_custom_loss():
             register_policy_loss("grpo", plain_pg)
     finally:
         POLICY_LOSSES.pop("test_plain_pg")
+
+
+def test_a_given_normalizer_replaces_the_call_s_own_count():
+    """`normalizer` (the step's count, as PolicyUpdate passes it): the loss is the plain sum over it, for
+    the token and the sequence reduction, and the default is the call's own count."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    per_token = (-logp * adv[:, None]) * mask  # MIS-PO with no mismatch: every token kept
+    for token_level, units, own in (
+        (True, per_token.sum(), 5.0),
+        (False, (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum(), 2.0),
+    ):
+        cfg = PolicyLossConfig("mispo", token_level_mean=token_level)
+        default, _ = policy_loss(logp, logp, logp, adv, mask, cfg)
+        scaled, m = policy_loss(logp, logp, logp, adv, mask, cfg, normalizer=40.0)
+        assert torch.allclose(default, units / own, rtol=1e-6, atol=0)
+        assert torch.allclose(scaled, units / 40.0, rtol=1e-6, atol=0)
+        assert m["tokens"] == 5.0

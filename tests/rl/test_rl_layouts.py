@@ -33,7 +33,7 @@ from megatron_step.rl.engine import Engine, SamplingParams
 from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.lockstep import keyed_uniforms
 from megatron_step.rl.losses import PolicyLossConfig
-from megatron_step.rl.policy import PolicyUpdate, pack, token_logp
+from megatron_step.rl.policy import PolicyUpdate, pack, record_old_logp, token_logp
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward
@@ -145,7 +145,7 @@ def _reference_model(parallel_kw, weights: str) -> list:
     return modules
 
 
-def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None):
+def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None, mbs=2):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
     weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
     kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)
@@ -185,7 +185,7 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
     ]
     loss_cfg = PolicyLossConfig("mispo", kl_coef=0.5 if kind == "kl" else 0.0)
     reference = _reference_model(parallel_kw, weights) if kind == "kl" else None
-    update = PolicyUpdate(chunks, opt, sched, loss_cfg, micro_batch_size=2, reference=reference)
+    update = PolicyUpdate(chunks, opt, sched, loss_cfg, micro_batch_size=mbs, reference=reference)
     metrics = update(groups)
     _save([c.module for c in chunks], out)
     summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
@@ -287,6 +287,23 @@ def test_pp2_without_mtp_matches_one_process(tmp_path):
     _same_weights(ref, "plain", out, model_cfg=cfg)
 
 
+def test_the_loss_is_a_mean_over_the_step_not_the_microbatch(reference, tmp_path):
+    """The 16 rollouts of the reference update (8 microbatches of 2, 1 process) in one microbatch, in
+    microbatches of 3 (3, 3, 3, 3, 3, 1) and on two DP ranks in microbatches of 3 (3, 3, 2 each, the
+    ranks' token counts unequal): the same loss and the same weights. A mean per microbatch would
+    weigh a token of the lone last microbatch 3x one of the others, and differ here."""
+    want = reference["plain"]["res"]
+    lengths = [len(x[0]) for x in want["sampled"]]
+    assert sum(lengths[:8]) != sum(lengths[8:]), lengths  # the DP ranks hold unequal token counts
+    for name, world, mbs in (("one_microbatch", 1, 16), ("mbs3", 1, 3), ("dp2_mbs3", 2, 3)):
+        out = str(tmp_path / name)
+        got = run_distributed(
+            rollouts_and_update, world, {}, reference["weights"], out, False, "plain", None, mbs
+        )[0]
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"])), (name, got["loss"])
+        _same_weights(reference, "plain", out)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kw", [{"tp": 2, "ep": 2}, {"ep": 2}, {"pp": 2, "ep": 2}], ids=["tp2_ep2", "ep2_dp4", "pp2_ep2"]
@@ -360,6 +377,53 @@ def test_the_kl_term_matches_a_hand_computation(reference):
     # rounding of the loss itself, ~1e-7)
     diff = losses[0.5]["policy/loss"] - losses[0.0]["policy/loss"]
     assert abs(diff - 0.5 * hand) <= 1e-6 * max(1.0, abs(losses[0.0]["policy/loss"])), (diff, 0.5 * hand)
+
+
+def stale_ratio_by_hand(rank, world_size, weights):
+    """Rollouts sampled at version 0 with pi_old recorded as the async generator records it; then one
+    real update (version 1) and the same rollouts again, now stale by one (GRPO, gradients only): the
+    update's PPO ratio and staleness KL, and both computed here from the two versions' own forwards."""
+    chunks, opt, sched = _build({}, weights, False)
+    gens = Engine(chunks, eos_id=EOS).generate(
+        _prompts(512)[:4], SamplingParams(max_new_tokens=NEW_TOKENS, seed=11), keys=[(i, 0) for i in range(4)]
+    )
+    group = [
+        Rollout(g.prompt_ids, g.response_ids, g.logprobs, float(len(g.response_ids)), 0, 0, routing=g.routing)
+        for g in gens
+    ]
+    record_old_logp(chunks[0].module, group, micro_batch_size=4)
+    grpo = PolicyLossConfig("grpo")
+    fresh = PolicyUpdate(chunks, None, None, grpo, micro_batch_size=4)([group])  # still version 0
+    PolicyUpdate(chunks, opt, sched, grpo, micro_batch_size=4)([group])  # -> version 1
+    stale = PolicyUpdate(chunks, None, None, grpo, micro_batch_size=4)([group])
+    items = [
+        {"prompt_ids": r.prompt_ids, "response_ids": r.response_ids, "routing": r.routing} for r in group
+    ]
+    batch = pack(items)
+    old = torch.zeros_like(batch["mask"])
+    for i, r in enumerate(group):
+        p = len(r.prompt_ids)
+        old[i, p - 1 : p - 1 + len(r.response_ids)] = torch.tensor(r.old_logp)
+    with torch.no_grad():
+        now = token_logp(chunks[0], batch)
+    m = batch["mask"]
+    ratio = float((torch.exp(now - old) * m).sum() / m.sum())
+    kl = float(((old - now) * m).sum() / m.sum())
+    return fresh, stale, ratio, kl
+
+
+def test_a_stale_rollouts_ppo_ratio_is_to_its_sampling_version(reference):
+    fresh, stale, ratio, kl = run_distributed(stale_ratio_by_hand, 1, reference["weights"])[0]
+    # recorded pi_old = the trainer's forward at the sampling version: a fresh ratio of exactly 1
+    assert abs(fresh["policy/ppo_ratio_mean"] - 1.0) <= 1e-6 and abs(fresh["policy/staleness_kl"]) <= 1e-7
+    assert abs(ratio - 1.0) > 1e-3, ratio  # the update moved the policy on these tokens
+    assert abs(stale["policy/ppo_ratio_mean"] - ratio) <= 1e-6 * ratio, (
+        stale["policy/ppo_ratio_mean"],
+        ratio,
+    )
+    assert abs(stale["policy/staleness_kl"] - kl) <= 1e-5 * abs(kl), (stale["policy/staleness_kl"], kl)
+    # the engine mismatch is measured at the sampling version, not mixed with the staleness
+    assert abs(stale["policy/mismatch_kl"] - fresh["policy/mismatch_kl"]) <= 1e-7
 
 
 def test_keyed_sampling_depends_on_the_key_only():

@@ -101,6 +101,38 @@ def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
     assert max(logged.values()) == max(out["staleness"])  # the logged max is the max, not a mean
 
 
+def test_a_slow_trainer_lets_the_generator_run_max_staleness_versions_ahead(dirs):
+    """A trainer slowed by 2 s per update: the generator runs ahead until rollouts are trained k = 2
+    versions after they were sampled, never more; nothing is dropped; the stale rollouts' PPO ratio
+    (GRPO) starts away from 1, as their pi_old is the sampling version's."""
+    run_dir = str(dirs["root"] / "async_ahead")
+    extra = ("rl.async_mode=true", "rl.max_staleness=2", "rl.loss=grpo", "optim.lr=1e-3", "train.steps=5")
+    extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward",)  # groups with a signal: weights move
+    out = run_distributed(run_slowed, 1, dirs["data"], run_dir, dirs["sft"], extra, 2.0)[0]
+    assert max(out["staleness"]) == 2, out["staleness"]
+    curves = read_run(
+        run_dir, ["staleness/max", "rl/dropped_groups", "policy/ppo_ratio_mean", "policy/staleness_kl"]
+    )
+    assert set(curves["rl/dropped_groups"].values()) == {0.0}
+    stale = [s for s, v in curves["staleness/max"].items() if v > 0 and s >= 2]  # after the weights moved
+    assert stale, curves["staleness/max"]
+    for s in stale:
+        assert abs(curves["policy/ppo_ratio_mean"][s] - 1.0) > 1e-5, curves["policy/ppo_ratio_mean"]
+        assert curves["policy/staleness_kl"][s] != 0.0
+    assert abs(curves["policy/ppo_ratio_mean"][1] - 1.0) < 1e-6  # step 1: sampled by the current weights
+
+
+def test_rollouts_beyond_max_staleness_are_dropped_and_counted(dirs):
+    """rl.max_ahead = 3 > rl.max_staleness = 1 with a slow trainer: the generator queues rollouts that
+    go stale before their turn; the buffer drops and counts them and trains on nothing staler than 1."""
+    run_dir = str(dirs["root"] / "async_drop")
+    extra = ("rl.async_mode=true", "rl.max_staleness=1", "rl.max_ahead=3", "train.steps=4")
+    out = run_distributed(run_slowed, 1, dirs["data"], run_dir, dirs["sft"], extra, 2.0)[0]
+    assert max(out["staleness"]) <= 1, out["staleness"]
+    dropped = read_run(run_dir, ["rl/dropped_groups"])["rl/dropped_groups"]
+    assert dropped[max(dropped)] >= 2, dropped  # a whole batch (2 groups) at least
+
+
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
@@ -149,6 +181,22 @@ def run(rank, world_size, data_dir, run_dir, init_from, extra=()):
         return train_rl(cfg)
     finally:
         platform.teardown()
+
+
+def run_slowed(rank, world_size, data_dir, run_dir, init_from, extra, delay):
+    """`run` with every policy update `delay` seconds slower (the generator thread keeps going)."""
+    import time
+
+    from megatron_step.rl.policy import PolicyUpdate
+
+    update = PolicyUpdate.__call__
+
+    def slowed(self, groups):
+        time.sleep(delay)
+        return update(self, groups)
+
+    PolicyUpdate.__call__ = slowed
+    return run(rank, world_size, data_dir, run_dir, init_from, extra)
 
 
 def reward_model(rank, world_size, data_dir, init_from, out_dir):
