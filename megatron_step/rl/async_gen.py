@@ -14,6 +14,11 @@ its pi_old -- the replica's own forward on it, the trainer's numerics at version
 the trainer's module class with copied weights) -- so the update can take the PPO ratio to the
 behaviour policy (megatron_step.rl.losses). The buffer drops groups staler than rl.max_staleness
 (possible when rl.max_ahead is larger) and counts them.
+
+Exact mode (rl.exact_staleness): the trainer, before it syncs version v, waits until the batch
+v - 1 + ahead has been sampled with version v - 1, so batch b is always sampled with version
+max(0, b - ahead): the staleness of every step is fixed (0, 1, .., ahead, ahead, ...) and the run no
+longer depends on thread timing -- the same rollouts and numbers on every rerun.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ class AsyncGenerator:
         ahead: int,
         micro_batch_size: int,
         replay: bool = True,
+        exact: bool = False,
     ):
         if ahead < 0:
             raise ValueError(f"rl.max_ahead={ahead}: must be >= 0")
         self.sampler, self.replica, self.buffer = sampler, replica, buffer
-        self.ahead, self.mbs, self.replay = ahead, micro_batch_size, replay
+        self.ahead, self.mbs, self.replay, self.exact = ahead, micro_batch_size, replay, exact
         # by name: the replica has no MTP modules (see megatron_step.stages.rl)
         self.replica_state = {
             n: t for n, t in replica.state_dict(keep_vars=True).items() if torch.is_tensor(t)
@@ -62,15 +68,24 @@ class AsyncGenerator:
             raise RuntimeError(f"inference replica has tensors the trainer lacks: {sorted(missing)[:3]}")
         self.lock = threading.Lock()  # held while generating and while syncing
         self.version, self.error = 0, None
-        self.stats: list[dict] = []
+        self.stats: dict[int, dict] = {}  # rollout batch -> its sampling metrics
+        self.produced = threading.Condition()  # notified when a batch is in the buffer
+        self.n_produced = 0
         self.stop = threading.Event()
         self.sync(0)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def sync(self, version: int) -> float:
-        """Copy the trainer's weights into the replica; they are now policy `version`. Seconds taken."""
+        """Copy the trainer's weights into the replica; they are now policy `version`. Seconds taken
+        (in exact mode including the wait for the batch the previous version still has to sample)."""
         t0 = time.perf_counter()
+        if self.exact and version > 0:
+            with self.produced:
+                while self.n_produced < version + self.ahead:
+                    if self.error is not None:
+                        raise RuntimeError("async generation failed") from self.error
+                    self.produced.wait(timeout=1.0)
         with self.lock, torch.no_grad():
             for name, t in self.replica_state.items():
                 t.copy_(self.src_state[name])
@@ -88,12 +103,24 @@ class AsyncGenerator:
                 with self.lock:
                     groups, stats = s.sample(self.version, batch)
                     record_old_logp(self.replica, [r for g in groups for r in g], self.mbs, self.replay)
-                self.stats.append(stats)
+                self.stats[batch] = stats
                 self.buffer.add([r for g in groups for r in g])
                 batch += 1
+                with self.produced:
+                    self.n_produced = batch
+                    self.produced.notify_all()
         except BaseException as e:  # surfaced to the trainer
             self.error = e
             self.buffer.close()
+
+    def stats_for(self, groups) -> dict[str, float]:
+        """The sampling metrics of the batches `groups` came from (their mean, per key): what the
+        trainer logs for the step that trained on them."""
+        per_step = self.sampler.rl.prompts_per_step  # group ids are batch x prompts_per_step + i
+        batches = sorted({g[0].group // per_step for g in groups})
+        got = [self.stats[b] for b in batches if b in self.stats]
+        keys = sorted({k for m in got for k in m})
+        return {k: sum(m[k] for m in got if k in m) / sum(k in m for m in got) for k in keys}
 
     def close(self):
         self.stop.set()

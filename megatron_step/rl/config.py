@@ -122,6 +122,10 @@ class RLConfig:
     # nothing goes stale); larger than max_staleness, the surplus goes stale and is dropped (counted
     # in rl/dropped_groups): fresher data for generation that may be wasted
     max_ahead: int | None = None
+    # async: the generator runs exactly max_ahead versions ahead and the trainer waits for it, so
+    # every step's staleness is fixed and the run does not depend on thread timing (reruns give the
+    # same numbers): for comparisons at a set staleness. Needs max_ahead <= max_staleness
+    exact_staleness: bool = False
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "eval_problems", "reward_workers"):
@@ -137,6 +141,11 @@ class RLConfig:
             raise ValueError(f"rl.max_staleness={self.max_staleness}: must be >= 0")
         if self.max_ahead is not None and self.max_ahead < 0:
             raise ValueError(f"rl.max_ahead={self.max_ahead}: must be >= 0 (or null: rl.max_staleness)")
+        if self.exact_staleness and (self.max_ahead or 0) > self.max_staleness:
+            raise ValueError(
+                f"rl.exact_staleness=true with rl.max_ahead={self.max_ahead} > rl.max_staleness="
+                f"{self.max_staleness}: every batch would be dropped as stale while the trainer waits for it"
+            )
         if self.rollout not in ("plain", "e3rl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
         if self.rollout == "e3rl" and self.e3rl.max_new_tokens != self.max_new_tokens:

@@ -33,6 +33,7 @@ megatron_step.stages.pretrain), rl.buffer (versions, staleness).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -102,9 +103,14 @@ class _Run:
     monitor: Monitor
     version: int = 0
     out: dict = field(default_factory=lambda: {k: [] for k in _RECORDS})
+    # held while evaluating: the async loop pauses its generation thread (the trainer's engine sets
+    # Megatron-Core's process-wide InferenceMode, which would turn the thread's pi_old forwards into
+    # inference forwards)
+    pause: object = field(default_factory=contextlib.nullcontext)
 
     def evaluate(self, step: int, metrics: dict) -> None:
-        acc, acc_s = self.evaluator.accuracy()
+        with self.pause:
+            acc, acc_s = self.evaluator.accuracy()
         self.out["accuracy"].append((step, acc))
         self.out["tokens_sampled"].append((step, self.sampler.tokens_sampled))
         metrics["rl/accuracy_heldout"] = acc
@@ -174,8 +180,16 @@ def _run_async(run: _Run, replica) -> None:
     buffer = RolloutBuffer(r.max_staleness, group_size=r.group_size)
     ahead = r.max_staleness if r.max_ahead is None else r.max_ahead
     gen = AsyncGenerator(
-        s, replica, run.chunks[0].module, buffer, ahead, t.micro_batch_size, replay=r.routing_replay
+        s,
+        replica,
+        run.chunks[0].module,
+        buffer,
+        ahead,
+        t.micro_batch_size,
+        replay=r.routing_replay,
+        exact=r.exact_staleness,
     )
+    run.pause = gen.lock
     try:
         for step in range(t.steps):
             t0 = time.perf_counter()
@@ -186,7 +200,7 @@ def _run_async(run: _Run, replica) -> None:
                     raise RuntimeError("rollout buffer closed before a step's groups arrived")
             groups = buffer.take(s.per_rank, run.version)
             stale = RolloutBuffer.staleness(groups, run.version)
-            metrics = {**run.update(groups), **(gen.stats[-1] if gen.stats else {})}
+            metrics = {**run.update(groups), **gen.stats_for(groups)}
             run.version += 1
             sync_s = gen.sync(run.version)
             dropped = float(buffer.dropped_stale)

@@ -133,6 +133,22 @@ def test_rollouts_beyond_max_staleness_are_dropped_and_counted(dirs):
     assert dropped[max(dropped)] >= 2, dropped  # a whole batch (2 groups) at least
 
 
+def test_exact_staleness_fixes_each_step_s_staleness_whatever_the_timing(dirs):
+    """rl.exact_staleness: batch b is sampled with version b - 2, so the steps' staleness is 0, 1, 2, 2;
+    a run with a slowed trainer gives the same numbers bit for bit (thread timing plays no part)."""
+    extra = ("rl.async_mode=true", "rl.max_staleness=2", "rl.exact_staleness=true", "train.steps=4")
+    extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward", "optim.lr=1e-3")
+    keys = ["rl/reward_mean", "policy/loss", "policy/staleness_kl", "train/grad_norm", "rl/accuracy_heldout"]
+    curves = []
+    for name, delay in (("exact", 0.0), ("exact_slowed", 1.5)):
+        run_dir = str(dirs["root"] / name)
+        out = run_distributed(run_slowed, 1, dirs["data"], run_dir, dirs["sft"], extra, delay)[0]
+        assert out["staleness"] == [0, 0, 1, 1, 2, 2, 2, 2], out["staleness"]  # 2 groups per step
+        curves.append(read_run(run_dir, keys))
+    assert curves[0] == curves[1]
+    assert curves[0]["policy/staleness_kl"][4] != 0.0  # the policy moved between sampling and training
+
+
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
