@@ -1,8 +1,13 @@
 """RL runs side by side from one warm-up checkpoint: held-out accuracy curves (vs step and vs sampled
-tokens), a Markdown table and a PNG. Two suites:
+tokens), a Markdown table and a PNG. Three suites:
 
-    python -m benchmarks.rl_compare --suite demo     # issue 7: sync (3 seeds) + async cap 1
-    python -m benchmarks.rl_compare --suite e3rl     # E3RL vs plain GRPO, equal token budget
+    python -m benchmarks.rl_compare --suite demo       # issue 7: sync (3 seeds) + async cap 1
+    python -m benchmarks.rl_compare --suite e3rl       # E3RL vs plain GRPO, equal token budget
+    python -m benchmarks.rl_compare --suite staleness  # MIS-PO / TIS / GRPO at staleness 0, 2, 4
+
+staleness: the demo task, async with rl.exact_staleness (batch b sampled with version b - k, so every
+step from the k-th on trains on rollouts exactly k versions old, and thread timing plays no part),
+for each loss (`--losses`), staleness (`--staleness`) and seed.
 
 demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
 seeds and async with staleness cap 1, every run `--steps` RL steps.
@@ -29,6 +34,7 @@ from benchmarks.jobs import run_jobs
 from megatron_step import platform
 from megatron_step.config.run import RLRunConfig, load_run_config
 from megatron_step.stages.rl import train_rl
+from megatron_step.testing import golden
 from megatron_step.training import checkpoint
 
 DEMO_TASK: list[str] = []
@@ -63,7 +69,20 @@ def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
             runs[f"grpo-seed{s}"] = [f"train.seed={s}"]
             runs[f"e3rl-seed{s}"] = [f"train.seed={s}", "rl.rollout=e3rl"]
         return common, runs
-    raise ValueError(f"--suite {name!r}: one of demo, e3rl")
+    if name == "staleness":
+        common = [*DEMO_TASK, f"train.steps={args.steps}", "train.eval_interval=10", "rl.async_mode=true"]
+        common.append("rl.exact_staleness=true")
+        runs = {}
+        for s in seeds:
+            for k in (int(x) for x in args.staleness.split(",")):
+                for loss in args.losses.split(","):
+                    runs[f"{loss}-stale{k}-seed{s}"] = [
+                        f"train.seed={s}",
+                        f"rl.max_staleness={k}",
+                        f"rl.loss={loss}",
+                    ]
+        return common, runs
+    raise ValueError(f"--suite {name!r}: one of demo, e3rl, staleness")
 
 
 def run_one(overrides: list[str], result_path: str) -> None:
@@ -84,6 +103,11 @@ def run_one(overrides: list[str], result_path: str) -> None:
         "max_staleness": max(out["staleness"], default=0),
         "seconds": time.time() - t0,
     }
+    # what the loss kept or clipped, per step (the run's TensorBoard scalars)
+    logged = golden.read_run(cfg.train.run_dir)
+    for key in ("policy/keep_rate", "policy/clip_frac", "policy/staleness_kl", "policy/ppo_ratio_mean"):
+        if key in logged:
+            res[key.split("/")[1]] = sorted(logged[key].items())
     with open(result_path, "w") as f:
         json.dump(res, f)
 
@@ -140,9 +164,40 @@ def plot(results: dict, path: str, x: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_staleness(results: dict, path: str) -> None:
+    """One panel per staleness: the sampled held-out accuracy by step, per loss (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple[int, str], list[dict]] = {}
+    for name, r in results.items():
+        if not r.get("failed"):
+            loss, stale, _ = name.split("-")
+            cells.setdefault((int(stale.removeprefix("stale")), loss), []).append(r)
+    stales = sorted({k for k, _ in cells})
+    fig, axes = plt.subplots(1, len(stales), figsize=(4.2 * len(stales), 3.6), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], stales):
+        for i, loss in enumerate(sorted({loss for kk, loss in cells if kk == k})):
+            runs = cells[(k, loss)]
+            steps = [st for st, _ in runs[0]["accuracy_sampled"]]
+            mean = [sum(r["accuracy_sampled"][j][1] for r in runs) / len(runs) for j in range(len(steps))]
+            ax.plot(steps, mean, marker="o", color=f"C{i}", label=f"{loss} ({len(runs)} seed(s))")
+        ax.set_title(f"staleness {k}")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (sampled)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="demo", choices=("demo", "e3rl"))
+    ap.add_argument("--suite", default="demo", choices=("demo", "e3rl", "staleness"))
+    ap.add_argument("--staleness", default="0,2,4", help="staleness suite: the fixed staleness values")
+    ap.add_argument("--losses", default="mispo,tis,grpo", help="staleness suite: rl.loss kinds")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--budget", type=int, default=120_000, help="e3rl suite: tokens sampled per run")
     ap.add_argument("--seeds", type=int, default=3)
@@ -171,7 +226,10 @@ def main(argv=None) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     png = args.png or os.path.join(out, f"{args.suite}.png")
-    plot(results, png, "tokens" if args.suite == "e3rl" else "step")
+    if args.suite == "staleness":
+        plot_staleness(results, png)
+    else:
+        plot(results, png, "tokens" if args.suite == "e3rl" else "step")
     print(table(results))
     print(f"plot: {png}")
 

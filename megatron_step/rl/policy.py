@@ -300,15 +300,36 @@ class PolicyUpdate:
         do the same but also changes how the MoE aux and MTP losses are scaled, and the SFT
         warm-up on the same model uses the plain microbatch mean."""
         token_level = self.loss.token_level_mean
-
-        def count(b):
-            return float(b["mask"].sum()) if token_level else float((b["mask"].sum(-1) > 0).sum())
-
-        local = sum(count(b) for b in micro if not b.get("padding"))
-        total = dp_sum(local)  # collective: the DP x CP group (every rank gets here once per update)
+        real = [b for b in micro if not b.get("padding")]
+        tokens, seqs = (sum(_units(b, level) for b in real) for level in (True, False))
+        # collective: the DP x CP group (every rank gets here once per update)
+        self._step_units = dict(zip((True, False), dp_sum([tokens, seqs]), strict=True))
+        total = self._step_units[token_level]
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         for b in micro:
             b["loss_normalizer"] = max(total, 1.0) / (n * dp)
+
+    def _step_metrics(self, micro: list[dict], result, n: int) -> dict[str, float]:
+        """This rank's policy/* metrics such that their DP mean is the step's: the loss and the per-token
+        means weighted by each microbatch's tokens over the step's (traj_mask_rate by sequences), so
+        they do not depend on how rollouts fall into microbatches and ranks; ratio_min / ratio_max the
+        rank's extremes; tokens the rank's count. Last pipeline stage (where the loss ran)."""
+        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        pairs = [(b, m) for b, m in zip(micro, result.metrics) if m]  # padding microbatches report nothing
+        keys = list(pairs[0][1]) if pairs else []
+        out = {}
+        for key in keys:
+            vals = [(b, float(m[key])) for b, m in pairs if key in m]
+            if key == "loss":  # already divided by the step's count (see _normalize)
+                out[key] = sum(v for _, v in vals) / n
+            elif key in ("ratio_min", "ratio_max"):
+                out[key] = (min if key == "ratio_min" else max)(v for _, v in vals)
+            elif key == "tokens":
+                out[key] = sum(v for _, v in vals)
+            else:
+                level = key != "traj_mask_rate"
+                out[key] = sum(v * _units(b, level) for b, v in vals) * dp / max(self._step_units[level], 1.0)
+        return {f"policy/{k}": v for k, v in out.items()}
 
     def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
         """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
@@ -364,10 +385,7 @@ class PolicyUpdate:
         self.skipped += not result.update_successful
         dt = time.perf_counter() - t0
         # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
-        local = {f"policy/{key}": result.mean(key) for key in (result.metrics[0] if result.metrics else {})}
-        if "policy/loss" in local:  # this rank's share of the step mean (see _normalize): dp_mean gives it
-            local["policy/loss"] = float(sum(float(m["loss"]) for m in result.metrics if "loss" in m)) / n
-        metrics = from_last_stage(local)
+        metrics = from_last_stage(self._step_metrics(micro, result, n))
         n_tok = sum(float(b["mask"].sum()) for b in micro)
         metrics.update(
             {
@@ -378,6 +396,12 @@ class PolicyUpdate:
             }
         )
         return metrics
+
+
+def _units(batch: dict, tokens: bool) -> float:
+    """A packed microbatch's response tokens, or its sequences with at least one."""
+    mask = batch["mask"]
+    return float(mask.sum()) if tokens else float((mask.sum(-1) > 0).sum())
 
 
 @torch.no_grad()

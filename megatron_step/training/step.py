@@ -197,15 +197,15 @@ def dp_mean(metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = (
     return out
 
 
-def dp_sum(value: float, group=None) -> float:
-    """The sum of `value` over the ranks of `group` (default: data parallel x context parallel), in
-    float64 on the compute device: e.g. a step's token count, for a mean over the whole step."""
+def dp_sum(values: list[float], group=None) -> list[float]:
+    """The sums of `values` over the ranks of `group` (default: data parallel x context parallel), one
+    all-reduce in float64 on the compute device: e.g. a step's token count, for a mean over the step."""
     group = _dp_group() if group is None else group
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=compute_device())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=compute_device())
     dist.all_reduce(t, group=group)
-    return float(t[0])
+    return t.tolist()
 
 
 def from_last_stage(metrics: dict[str, float], group=None) -> dict[str, float]:

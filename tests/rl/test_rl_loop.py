@@ -16,7 +16,7 @@ from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.stages.rl import train_rl
 from megatron_step.testing import run_distributed
-from megatron_step.testing.golden import read_run
+from megatron_step.testing.golden import compare, format_rows, read_run
 from tools.train_reward_model import main as train_reward_model
 
 pytestmark = pytest.mark.distributed
@@ -147,6 +147,23 @@ def test_exact_staleness_fixes_each_step_s_staleness_whatever_the_timing(dirs):
         curves.append(read_run(run_dir, keys))
     assert curves[0] == curves[1]
     assert curves[0]["policy/staleness_kl"][4] != 0.0  # the policy moved between sampling and training
+
+
+def test_exact_staleness_under_two_dp_ranks_matches_one_process(dirs):
+    """Async RL with rl.exact_staleness (k = 1) on two DP ranks -- a replica and a generation thread
+    per rank, the step-global loss mean across them -- follows the 1-process run step for step."""
+    extra = ("rl.async_mode=true", "rl.max_staleness=1", "rl.exact_staleness=true", "train.steps=4")
+    extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward", "optim.lr=1e-3")
+    keys = ["rl/reward_mean", "policy/loss", "policy/staleness_kl", "train/grad_norm", "rl/accuracy_heldout"]
+    curves = {}
+    for world in (1, 2):
+        run_dir = str(dirs["root"] / f"exact_dp{world}")
+        outs = run_distributed(run, world, dirs["data"], run_dir, dirs["sft"], extra)
+        assert outs[0]["staleness"] == [0] * (2 // world) + [1] * (6 // world), outs[0]["staleness"]
+        curves[world] = read_run(run_dir, keys)
+    rows = compare(curves[1], curves[2], rtol=1e-4)
+    assert rows and all(r.ok for r in rows), format_rows(rows, ("1 process", "DP2"), only_bad=True)
+    assert curves[1]["policy/staleness_kl"][4] != 0.0
 
 
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
