@@ -266,48 +266,14 @@ class PolicyUpdate:
             index_routers(self.reference)
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.forward_step, self.loss = make_forward_step(loss), loss
-        self.mbs, self.replay = micro_batch_size, replay
         self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
-        self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
+        self.batches = Microbatches(chunks, micro_batch_size, replay)
         self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
         index_routers([c.module for c in chunks])  # routing lists span this rank's chunks
-        self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.interleaved = len(chunks) > 1
-
-    def padding(self, micro: list[dict], shape: dict) -> dict:
-        """A microbatch that trains nothing (mask and advantages 0, loss 0, no metrics): run by a rank
-        with fewer microbatches than another of its lockstep group -- failed rewards are not trained
-        on, so counts differ -- because every forward of an EP / TP / PP model is collective. The
-        schedule still divides by the padded count: such a rank's rollouts weigh n_real / n_padded."""
-        if micro:
-            b = {k: v.clone() if torch.is_tensor(v) else v for k, v in micro[0].items()}
-            b.pop("routing", None)  # route freely: nothing is trained on it
-        else:  # every rollout of this rank failed: two padding tokens
-            item = {"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}
-            b = to_device(pack([item], **shape))
-        b["mask"] = torch.zeros_like(b["mask"])
-        b["advantages"] = torch.zeros_like(b["advantages"])
-        b["padding"] = True
-        return b
 
     def _normalize(self, micro: list[dict], n: int) -> None:
-        """Make the loss a mean over the whole step: every token of every microbatch of every DP rank
-        weighs the same (sequences, with token_level_mean False), however they fall into
-        microbatches. Megatron-Core's schedule divides each microbatch's loss by the microbatch count
-        n and DDP the gradients by the DP size, so a microbatch's loss sum is divided by
-        N / (n x dp), N the step's global count (one all-reduce over the DP group, before the
-        forwards). Megatron-Core's own per-token mode (config.calculate_per_token_loss) would
-        do the same but also changes how the MoE aux and MTP losses are scaled, and the SFT
-        warm-up on the same model uses the plain microbatch mean."""
-        token_level = self.loss.token_level_mean
-        real = [b for b in micro if not b.get("padding")]
-        tokens, seqs = (sum(_units(b, level) for b in real) for level in (True, False))
-        # collective: the DP x CP group (every rank gets here once per update)
-        self._step_units = dict(zip((True, False), dp_sum([tokens, seqs]), strict=True))
-        total = self._step_units[token_level]
-        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
-        for b in micro:
-            b["loss_normalizer"] = max(total, 1.0) / (n * dp)
+        """The step mean (see `normalize_step`); keeps the step's counts for `_step_metrics`."""
+        self._step_units = normalize_step(micro, n, self.loss.token_level_mean)
 
     def _step_metrics(self, micro: list[dict], result, n: int) -> dict[str, float]:
         """This rank's policy/* metrics such that their DP mean is the step's: the loss and the per-token
@@ -331,20 +297,28 @@ class PolicyUpdate:
                 out[key] = sum(v * _units(b, level) for b, v in vals) * dp / max(self._step_units[level], 1.0)
         return {f"policy/{k}": v for k, v in out.items()}
 
-    def __call__(self, groups: list[list[Rollout]]) -> dict[str, float]:
-        """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank."""
-        rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
-        adv = group_advantages(rewards)
+    def __call__(self, groups: list[list[Rollout]], advantages=None) -> dict[str, float]:
+        """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank.
+        `advantages`: per response token, nested as `groups` (the critic's GAE, rl.critic); None: the
+        GRPO group advantages of the rewards."""
+        if advantages is None:
+            adv = group_advantages(torch.tensor([[r.reward for r in grp] for grp in groups]))
+
+        def advantage(i: int, j: int, r: Rollout):
+            if advantages is not None:  # per token, as given
+                return list(advantages[i][j])
+            if r.adv_scale is None:  # the sequence's group advantage on every token
+                return float(adv[i, j])
+            # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
+            return [float(adv[i, j]) * x for x in r.adv_scale]
+
         items = [
             {
                 "prompt_ids": r.prompt_ids,
                 "response_ids": r.response_ids,
                 "rollout_logp": r.rollout_logp,
                 "old_logp": r.old_logp,
-                # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
-                "advantage": (
-                    float(adv[i, j]) if r.adv_scale is None else [float(adv[i, j]) * x for x in r.adv_scale]
-                ),
+                "advantage": advantage(i, j, r),
                 "routing": r.routing,
                 "image": r.image,
             }
@@ -352,25 +326,11 @@ class PolicyUpdate:
             for j, r in enumerate(grp)
             if not r.reward_failed  # a failed reward scores 0 in its group's statistics but is not trained on
         ]
-        module = self.chunks[0].module
-        tp = ps.get_tensor_model_parallel_world_size() if module.config.sequence_parallel else 1
-        fixed = {}  # the pipeline schedule's one shape: the longest sequence, micro_batch_size rows
-        if self.pp > 1:
-            longest = max((len(it["prompt_ids"]) + len(it["response_ids"]) - 1 for it in items), default=1)
-            fixed = {"length": longest, "rows": self.mbs}
-        micro = [
-            to_device(pack(items[i : i + self.mbs], replay=self.replay, multiple_of=tp, **fixed))
-            for i in range(0, len(items), self.mbs)
-        ]
-        n_real = len(micro)
-        n = self.lockstep.max(n_real)  # collective: self.lockstep.group
-        if self.interleaved:  # the interleaved schedule runs microbatches in groups of pp
-            n = -(-n // self.pp) * self.pp
-        micro += [self.padding(micro, {"multiple_of": tp, **fixed}) for _ in range(n - n_real)]
-        self.padded += n - n_real
+        micro, n = self.batches.build(items)
+        self.padded += sum(bool(b.get("padding")) for b in micro)
         self._normalize(micro, n)
         t0 = time.perf_counter()
-        shape = {"seq_length": max(b["tokens"].shape[1] for b in micro), "micro_batch_size": self.mbs}
+        shape = self.batches.shape(micro)
         # pi_prox: the trainer's current weights; it is pi_old too where the rollouts carry none
         # (sync: they were sampled with these weights)
         _store_logp(self.chunks, micro, "prox_logp", shape)
@@ -396,6 +356,79 @@ class PolicyUpdate:
             }
         )
         return metrics
+
+
+class Microbatches:
+    """Rollout items -> this rank's microbatches of one optimizer step, in the shapes every layout
+    needs: `micro_batch_size` items each, S a multiple of tp under sequence parallelism, one fixed
+    (S, rows) shape under PP (the pipeline schedule's), and padding microbatches up to the count the
+    lockstep group agrees on (every forward of an EP / TP / PP model is collective), a multiple of
+    pp under the interleaved schedule. Used by the policy update and the critic (rl.critic)."""
+
+    def __init__(self, chunks, micro_batch_size: int, replay: bool = True):
+        self.mbs, self.replay = micro_batch_size, replay
+        self.lockstep = Lockstep.for_model()  # ranks whose forwards share collectives (rl.lockstep)
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.interleaved = len(chunks) > 1
+        config = chunks[0].module.config
+        self.tp = ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+
+    def build(self, items: list[dict]) -> tuple[list[dict], int]:
+        """(microbatches on the device, their count n, padding included)."""
+        fixed = {}  # the pipeline schedule's one shape: the longest sequence, micro_batch_size rows
+        if self.pp > 1:
+            longest = max((len(it["prompt_ids"]) + len(it["response_ids"]) - 1 for it in items), default=1)
+            fixed = {"length": longest, "rows": self.mbs}
+        micro = [
+            to_device(pack(items[i : i + self.mbs], replay=self.replay, multiple_of=self.tp, **fixed))
+            for i in range(0, len(items), self.mbs)
+        ]
+        n_real = len(micro)
+        n = self.lockstep.max(n_real)  # collective: self.lockstep.group
+        if self.interleaved:  # the interleaved schedule runs microbatches in groups of pp
+            n = -(-n // self.pp) * self.pp
+        micro += [padding_batch(micro, {"multiple_of": self.tp, **fixed}) for _ in range(n - n_real)]
+        return micro, n
+
+    def shape(self, micro: list[dict]) -> dict:
+        """The schedule's shape arguments for `micro`."""
+        return {"seq_length": max(b["tokens"].shape[1] for b in micro), "micro_batch_size": self.mbs}
+
+
+def padding_batch(micro: list[dict], shape: dict) -> dict:
+    """A microbatch that trains nothing (mask and advantages 0, loss 0, no metrics): run by a rank
+    with fewer microbatches than another of its lockstep group -- failed rewards are not trained
+    on, so counts differ. The schedule still divides by the padded count: such a rank's rollouts
+    weigh n_real / n_padded (undone by the step normalizer, `normalize_step`)."""
+    if micro:
+        b = {k: v.clone() if torch.is_tensor(v) else v for k, v in micro[0].items()}
+        b.pop("routing", None)  # route freely: nothing is trained on it
+    else:  # every rollout of this rank failed: two padding tokens
+        item = {"prompt_ids": [0, 0], "response_ids": [0], "rollout_logp": [0.0], "advantage": 0.0}
+        b = to_device(pack([item], **shape))
+    b["mask"] = torch.zeros_like(b["mask"])
+    b["advantages"] = torch.zeros_like(b["advantages"])
+    b["padding"] = True
+    return b
+
+
+def normalize_step(micro: list[dict], n: int, token_level: bool) -> dict[bool, float]:
+    """Make a loss a mean over the whole step: every token of every microbatch of every DP rank
+    weighs the same (sequences, with token_level False), however they fall into microbatches.
+    Megatron-Core's schedule divides each microbatch's loss by the microbatch count n and DDP the
+    gradients by the DP size, so a microbatch's loss sum is divided by N / (n x dp), N the step's
+    global count (one all-reduce over the DP group, before the forwards): batch["loss_normalizer"].
+    Megatron-Core's own per-token mode (config.calculate_per_token_loss) would do the same but also
+    changes how the MoE aux and MTP losses are scaled, and the SFT warm-up on the same model uses the
+    plain microbatch mean. Returns the step's counts {True: tokens, False: sequences}."""
+    real = [b for b in micro if not b.get("padding")]
+    tokens, seqs = (sum(_units(b, level) for b in real) for level in (True, False))
+    # collective: the DP x CP group (every rank gets here once per update)
+    units = dict(zip((True, False), dp_sum([tokens, seqs]), strict=True))
+    dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+    for b in micro:
+        b["loss_normalizer"] = max(units[token_level], 1.0) / (n * dp)
+    return units
 
 
 def _units(batch: dict, tokens: bool) -> float:
