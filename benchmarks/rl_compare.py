@@ -1,13 +1,19 @@
 """RL runs side by side from one warm-up checkpoint: held-out accuracy curves (vs step and vs sampled
-tokens), a Markdown table and a PNG. Three suites:
+tokens), a Markdown table and a PNG. Four suites:
 
     python -m benchmarks.rl_compare --suite demo       # issue 7: sync (3 seeds) + async cap 1
     python -m benchmarks.rl_compare --suite e3rl       # E3RL vs plain GRPO, equal token budget
     python -m benchmarks.rl_compare --suite staleness  # MIS-PO / TIS / GRPO at staleness 0, 2, 4
+    python -m benchmarks.rl_compare --suite critic     # GRPO vs actor-critic (GAE), two truncation rules
 
 staleness: the demo task, async with rl.exact_staleness (batch b sampled with version b - k, so every
 step from the k-th on trains on rollouts exactly k versions old, and thread timing plays no part),
 for each loss (`--losses`), staleness (`--staleness`) and seed.
+
+critic: the demo task, sync, MIS-PO; per seed the GRPO advantages vs GAE with a critic
+(rl.advantage=gae, gamma = lam = 1) with the report's truncation-aware bootstrapping and with cut
+responses scored as terminal (rl.critic.truncation=terminal): the same rollouts per step (equal
+samples), the same steps.
 
 demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
 seeds and async with staleness cap 1, every run `--steps` RL steps.
@@ -48,6 +54,9 @@ LONG_TASK = [
 ]
 
 
+SUITES = ("demo", "e3rl", "staleness", "critic")
+
+
 def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
     """(common overrides, run name -> its own overrides)."""
     seeds = [1234, 1235, 1236][: args.seeds]
@@ -82,7 +91,19 @@ def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
                         f"rl.loss={loss}",
                     ]
         return common, runs
-    raise ValueError(f"--suite {name!r}: one of demo, e3rl, staleness")
+    if name == "critic":
+        common = [*DEMO_TASK, f"train.steps={args.steps}", "train.eval_interval=10"]
+        runs = {}
+        for s in seeds:
+            runs[f"grpo-seed{s}"] = [f"train.seed={s}"]
+            runs[f"gae_bootstrap-seed{s}"] = [f"train.seed={s}", "rl.advantage=gae"]
+            runs[f"gae_terminal-seed{s}"] = [
+                f"train.seed={s}",
+                "rl.advantage=gae",
+                "rl.critic.truncation=terminal",
+            ]
+        return common, runs
+    raise ValueError(f"--suite {name!r}: one of {', '.join(SUITES)}")
 
 
 def run_one(overrides: list[str], result_path: str) -> None:
@@ -105,7 +126,9 @@ def run_one(overrides: list[str], result_path: str) -> None:
     }
     # what the loss kept or clipped, per step (the run's TensorBoard scalars)
     logged = golden.read_run(cfg.train.run_dir)
-    for key in ("policy/keep_rate", "policy/clip_frac", "policy/staleness_kl", "policy/ppo_ratio_mean"):
+    keys = ("policy/keep_rate", "policy/clip_frac", "policy/staleness_kl", "policy/ppo_ratio_mean")
+    keys += ("critic/value_error", "critic/explained_variance", "rl/response_length", "critic/truncated_rate")
+    for key in keys:
         if key in logged:
             res[key.split("/")[1]] = sorted(logged[key].items())
     with open(result_path, "w") as f:
@@ -193,9 +216,50 @@ def plot_staleness(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_arms(results: dict, path: str) -> None:
+    """Mean over seeds per arm (run name before '-seed'): held-out accuracy (greedy, sampled), the
+    response length and the critic's prediction error on each step's fresh rollouts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms: dict[str, list[dict]] = {}
+    for name, r in results.items():
+        if not r.get("failed"):
+            arms.setdefault(name.split("-seed")[0], []).append(r)
+
+    def mean(runs, key):
+        n = min(len(r[key]) for r in runs)
+        return [runs[0][key][j][0] for j in range(n)], [
+            sum(r[key][j][1] for r in runs) / len(runs) for j in range(n)
+        ]
+
+    panels = [
+        ("accuracy", "held-out accuracy (greedy)"),
+        ("accuracy_sampled", "held-out accuracy (sampled)"),
+        ("response_length", "response length (tokens)"),
+        ("value_error", "critic: 0.5 (V - G)^2, fresh rollouts"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, (arm, runs) in enumerate(arms.items()):
+            if all(r.get(key) for r in runs):
+                xs, ys = mean(runs, key)
+                ax.plot(
+                    xs, ys, marker="o" if len(xs) < 12 else None, color=f"C{i}", label=f"{arm} ({len(runs)})"
+                )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="demo", choices=("demo", "e3rl", "staleness"))
+    ap.add_argument("--suite", default="demo", choices=SUITES)
     ap.add_argument("--staleness", default="0,2,4", help="staleness suite: the fixed staleness values")
     ap.add_argument("--losses", default="mispo,tis,grpo", help="staleness suite: rl.loss kinds")
     ap.add_argument("--steps", type=int, default=60)
@@ -228,6 +292,8 @@ def main(argv=None) -> None:
     png = args.png or os.path.join(out, f"{args.suite}.png")
     if args.suite == "staleness":
         plot_staleness(results, png)
+    elif args.suite == "critic":
+        plot_arms(results, png)
     else:
         plot(results, png, "tokens" if args.suite == "e3rl" else "step")
     print(table(results))

@@ -45,6 +45,9 @@ class Rollout:
     # behaviour policy in the trainer's numerics), taken right after sampling (async generation);
     # None: the update takes it from its current weights, which are that version (sync)
     old_logp: list[float] | None = None
+    # the response was cut at rl.max_new_tokens without EOS: the episode did not end (the critic
+    # bootstraps from the value of its last state, megatron_step.rl.critic)
+    truncated: bool = False
     info: dict = field(default_factory=dict)  # what the trainer does not read: correctness, entropy, ...
 
     def __post_init__(self):

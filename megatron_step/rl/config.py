@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_step.rl.critic import CriticConfig
 from megatron_step.rl.losses import PolicyLossConfig
 
 
@@ -97,6 +98,14 @@ class RLConfig:
     # --- loss: the nested rl.loss section (PolicyLossConfig: kind, clip_eps, clip_eps_high, kl_coef,
     # tis_cap, mispo_* bounds, token_level_mean); `rl.loss=grpo` alone sets its kind ------------------
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # --- advantages -----------------------------------------------------------------------------------
+    # "grpo": group z-scores of the rewards (no critic); "gae": actor-critic, a critic model (the
+    # nested rl.critic section, megatron_step.rl.critic) and GAE per token with truncation-aware
+    # bootstrapping. gamma / lam: GAE's discount and trace decay (the report's actor-critic: 1 and 1)
+    advantage: str = "grpo"
+    gamma: float = 1.0
+    lam: float = 1.0
+    critic: CriticConfig = field(default_factory=CriticConfig)  # override as rl.critic.<field>=value
     # --- rewards (megatron_step.rl.rewards) -------------------------------------------------------------
     # "package.module:callable" -- a RewardFn (prompt, response, reference) -> float, see
     # megatron_step/rl/rewards.py; None: math correctness (weight 1) + format (reward_format_weight)
@@ -154,8 +163,17 @@ class RLConfig:
                 f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
                 f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
             )
+        if self.advantage not in ("grpo", "gae"):
+            raise ValueError(f"rl.advantage={self.advantage!r}: one of grpo, gae")
+        if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"rl.gamma={self.gamma}, rl.lam={self.lam}: need 0 < gamma <= 1, 0 <= lam <= 1")
+        if self.advantage == "gae" and self.rollout != "plain":
+            raise ValueError(
+                f"rl.advantage=gae with rl.rollout={self.rollout}: E3RL's segment credit scales GRPO's "
+                "sequence advantages; use rl.advantage=grpo with erasable rollouts"
+            )
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
 
 
-__all__ = ["E3RLConfig", "PolicyLossConfig", "RLConfig"]
+__all__ = ["CriticConfig", "E3RLConfig", "PolicyLossConfig", "RLConfig"]

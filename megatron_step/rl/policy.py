@@ -384,7 +384,9 @@ class Microbatches:
             for i in range(0, len(items), self.mbs)
         ]
         n_real = len(micro)
-        n = self.lockstep.max(n_real)  # collective: self.lockstep.group
+        # at least one (a padding one on a rank without items): DDP's gradient all-reduce and the
+        # schedule's shapes need a forward on every rank
+        n = self.lockstep.max(max(n_real, 1))  # collective: self.lockstep.group
         if self.interleaved:  # the interleaved schedule runs microbatches in groups of pp
             n = -(-n // self.pp) * self.pp
         micro += [padding_batch(micro, {"multiple_of": self.tp, **fixed}) for _ in range(n - n_real)]

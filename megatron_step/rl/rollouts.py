@@ -203,6 +203,7 @@ class RolloutSampler:
                 reward_failed=res.failed,
                 routing=gen.routing,
                 adv_scale=None if batch.adv_scale is None else batch.adv_scale[i],
+                truncated=not gen.response_ids or gen.response_ids[-1] != self.tok.eos,
                 info={"correct": correct[i], "entropy": sum(gen.entropies) / max(1, len(gen.entropies))},
             )
             for i, (gen, res) in enumerate(zip(gens, results))

@@ -26,6 +26,10 @@ loop under TP / PP / EP (its generation thread would interleave collectives with
 preference reward model under PP (its forward is not pipelined), E3RL's attention credit under
 TP / PP (it reads one rank's heads and layers); each is refused at start.
 
+Actor-critic (`rl.advantage=gae`): a critic in the same layout (megatron_step.rl.critic) gives each
+step's rollouts per-token GAE advantages before the policy update, then takes its own value-loss
+steps on them; it is checkpointed with the policy under <run_dir>/critic.
+
 The pieces: megatron_step.rl.tasks (prompts), rl.rollouts (sampling, scoring, held-out accuracy),
 rl.reward_pool (isolated rewards), rl.policy (the update), rl.sft (the warm-up's data; its run is
 megatron_step.stages.pretrain), rl.buffer (versions, staleness).
@@ -44,6 +48,7 @@ from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
+from megatron_step.rl.critic import Critic
 from megatron_step.rl.engine import Engine
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.policy import PolicyUpdate, build_reference
@@ -107,6 +112,18 @@ class _Run:
     # Megatron-Core's process-wide InferenceMode, which would turn the thread's pi_old forwards into
     # inference forwards)
     pause: object = field(default_factory=contextlib.nullcontext)
+    critic: Critic | None = None  # rl.advantage=gae
+
+    def train(self, groups: list) -> dict:
+        """One RL update on `groups`: GRPO advantages, or (actor-critic) the critic's values -> GAE ->
+        the actor step, then the critic's value-loss steps on the same rollouts."""
+        if self.critic is None:
+            return self.update(groups)
+        r = self.cfg.rl
+        advantages, metrics = self.critic.advantages(groups, r.gamma, r.lam)
+        metrics.update(self.update(groups, advantages=advantages))
+        metrics.update(self.critic.update(groups))
+        return metrics
 
     def evaluate(self, step: int, metrics: dict) -> None:
         with self.pause:
@@ -156,6 +173,8 @@ class _Run:
             checkpoint.save_checkpoint(
                 t.run_dir, step + 1, self.chunks, self.optimizer, self.scheduler, extra_state
             )
+            if self.critic is not None:
+                self.critic.save(t.run_dir, step + 1)
         if budget_hit and step + 1 < t.steps:
             self.monitor.message(f"step {step + 1}: rl.max_tokens_sampled={r.max_tokens_sampled} used")
         return last
@@ -167,7 +186,7 @@ def _run_sync(run: _Run) -> None:
         t0 = time.perf_counter()
         batch = run.sampler.generate(run.version, step)  # prompts -> responses
         groups, stats = run.sampler.score(batch)  # rewards (worker pool) -> prompt groups
-        metrics = {**run.update(groups), **stats}  # one optimizer step
+        metrics = {**run.train(groups), **stats}  # one optimizer step (+ the critic's)
         run.version += 1  # the engine holds the trainer's module: nothing to copy
         if run.end_step(step, metrics, [0] * len(groups), t0, weight_sync_seconds=0.0, dropped_groups=0.0):
             break
@@ -200,7 +219,7 @@ def _run_async(run: _Run, replica) -> None:
                     raise RuntimeError("rollout buffer closed before a step's groups arrived")
             groups = buffer.take(s.per_rank, run.version)
             stale = RolloutBuffer.staleness(groups, run.version)
-            metrics = {**run.update(groups), **gen.stats_for(groups)}
+            metrics = {**run.train(groups), **gen.stats_for(groups)}
             run.version += 1
             sync_s = gen.sync(run.version)
             dropped = float(buffer.dropped_stale)
@@ -261,9 +280,15 @@ def train_rl(cfg: RLRunConfig) -> dict:
     update = PolicyUpdate(
         chunks, optimizer, scheduler, r.loss, t.micro_batch_size, replay=r.routing_replay, reference=reference
     )
+    critic = None
+    if r.advantage == "gae":  # the critic: same architecture and layout, its own optimizer
+        critic = Critic.build(
+            model, cfg.parallel, cfg.optim, r.critic, t.steps, t.micro_batch_size, init_from
+        )
     monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
-    monitor.banner(run_banner(env, cfg.to_dict(), init_from=init_from))
-    run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor)
+    banner = {"init_from": init_from, **({"critic_from": critic.loaded} if critic else {})}
+    monitor.banner(run_banner(env, cfg.to_dict(), **banner))
+    run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor, critic=critic)
     try:
         first: dict = {}
         run.evaluate(0, first)

@@ -64,13 +64,15 @@ def _model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _load_model_state(chunks, loaded: dict) -> None:
-    """The loaded model state (as `_model_sharded_state_dict` names it) into the chunks."""
-    if len(chunks) == 1:
-        chunks[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            c.module.load_state_dict(loaded[f"model{i}"])
+def _load_model_state(chunks, loaded: dict, strict: bool = True, exclude: tuple[str, ...] = ()) -> None:
+    """The loaded model state (as `_model_sharded_state_dict` names it) into the chunks; not
+    `strict`: only keys starting with one of `exclude` (or extra states) may be missing."""
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for name, c in zip(names, chunks):
+        missing, unexpected = c.module.load_state_dict(loaded[name], strict=strict)
+        bad = [k for k in missing if not k.startswith(exclude) and not k.endswith("_extra_state")]
+        if bad or unexpected:
+            raise KeyError(f"loading {name}: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
 
 
 def _rng_state() -> dict:
@@ -202,21 +204,28 @@ def load_checkpoint(run_dir: str, chunks, optimizer, scheduler, step: int | None
     return {"step": common["step"], "extra": common["extra"], "path": path}
 
 
-def load_model_weights(run_dir: str, chunks, step: int | None = None, optimizer=None) -> int:
+def load_model_weights(
+    run_dir: str, chunks, step: int | None = None, optimizer=None, exclude: tuple[str, ...] = ()
+) -> int:
     """Load only the model weights of `step` (default: latest) into `chunks` -- a new stage (RL from
     a pretrained/SFT checkpoint) starts with its own optimizer and schedule. Returns the step.
 
     Pass the stage's `optimizer` when it exists already: a mixed-precision (bf16) optimizer keeps fp32
     main copies of the parameters made when it was built, and its first step would otherwise write
     those (the initial weights) back over the loaded ones. (fp32 optimizers step views of the
-    parameters themselves, so there it changes nothing.)"""
+    parameters themselves, so there it changes nothing.)
+
+    `exclude`: key prefixes not loaded (they keep their values): the critic starts from the policy's
+    backbone with its own value head in place of the output layer (megatron_step.rl.critic)."""
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {_ckpt_root(run_dir)} (no 'latest' file)")
     path = checkpoint_dir(run_dir, step)
     state = _model_sharded_state_dict(chunks)
+    if exclude:
+        state = {m: {k: v for k, v in sd.items() if not k.startswith(exclude)} for m, sd in state.items()}
     loaded = dist_checkpointing.load(state, path)
-    _load_model_state(chunks, loaded)
+    _load_model_state(chunks, loaded, strict=not exclude, exclude=exclude)
     if optimizer is not None:
         optimizer.reload_model_params()
     return step
