@@ -95,6 +95,10 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     routing_replay: bool = True  # R3: training forwards replay the rollout's experts (MoE)
+    # Sigma_k, the activated experts' score mass per token, logged per MoE layer for the rollouts and
+    # the training forward (routing/*): "share" (of all experts' scores), "sum" or "off"
+    # (megatron_step.rl.routing_confidence)
+    routing_confidence: str = "share"
     # --- loss: the nested rl.loss section (PolicyLossConfig: kind, clip_eps, clip_eps_high, kl_coef,
     # tis_cap, mispo_* bounds, token_level_mean); `rl.loss=grpo` alone sets its kind ------------------
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -163,6 +167,8 @@ class RLConfig:
                 f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
                 f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
             )
+        if self.routing_confidence not in ("share", "sum", "off"):
+            raise ValueError(f"rl.routing_confidence={self.routing_confidence!r}: one of share, sum, off")
         if self.advantage not in ("grpo", "gae"):
             raise ValueError(f"rl.advantage={self.advantage!r}: one of grpo, gae")
         if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:

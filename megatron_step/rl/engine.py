@@ -63,6 +63,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_step.rl.lockstep import Lockstep, keyed_uniforms
+from megatron_step.rl.routing_confidence import RouterConfidence
 
 
 @dataclass
@@ -100,6 +101,9 @@ class Generation:
     # routing[l]: (len(prompt) + len(response) - 1, K) experts chosen by MoE layer l for every
     # position fed to the model (the training forward's input tokens), None without MoE/recording
     routing: list[torch.Tensor] | None = None
+    # per decoder MoE layer of this rank: (layer number, sum of Sigma_k over the response positions,
+    # their count), with the engine's rl.routing_confidence on (megatron_step.rl.routing_confidence)
+    confidence: list[tuple[int, float, float]] | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -201,6 +205,7 @@ class Engine:
         lockstep=None,
         prompt_spread=None,
         across_ranks=None,
+        routing_confidence: str = "off",
     ):
         self.chunks = unwrap_chunks(model)
         self.model = self.chunks[0]  # its config is the model's; `inference()` switches every chunk
@@ -219,6 +224,9 @@ class Engine:
         # agreed over every rank; an engine driven from a thread (async RL) passes Lockstep(None)
         self.across_ranks = Lockstep.world() if across_ranks is None else across_ranks
         self.replays = index_routers(self.chunks)
+        # Sigma_k of every generated position (rl.routing_confidence; Generation.confidence)
+        self.confidence = RouterConfidence(self.chunks, routing_confidence)
+        self._conf: list | None = None  # per forward of the generation in progress: (S, B) per router
         self.has_mtp = any(getattr(c, "mtp_process", False) for c in self.chunks)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
         self.device = next(self.model.parameters()).device
@@ -251,12 +259,18 @@ class Engine:
         for r in self.replays:
             if record:
                 r.set_router_replay_action(RouterReplayAction.RECORD)
+        measure = self._conf is not None and bool(self.confidence)
         try:
-            with sequence_parallel_off(self.chunks):
+            with (
+                sequence_parallel_off(self.chunks),
+                self.confidence.capture(rows=measure) if measure else contextlib.nullcontext(),
+            ):
                 logits = self._run_chunks(tokens_BS, pos, cache.ctx, model_kwargs)
         finally:
             for r in self.replays:
                 r.clear_router_replay_action()
+        if measure:
+            self._conf.append([row.view(s, b) for row in self.confidence.rows])
         cache.ctx.sequence_len_offset += s
         if record:
             # the router sees tokens flattened from (S, B, H): row = s * B + b
@@ -410,6 +424,7 @@ class Engine:
         cache = KVCache(b, hi + params.max_new_tokens)
         stop = set(params.stop_ids) | {self.eos_id}
         routing = [] if record_routing and self.replays and not idle else None
+        self._conf = [] if self.confidence and not idle else None
         out = [Generation(list(p), [], [], [], "length") for p in prompts]
         done = [idle] * b
         with self.inference():
@@ -455,6 +470,17 @@ class Engine:
             for i, g in enumerate(out):
                 n = len(g.prompt_ids) + len(g.response_ids) - 1  # positions fed for this sequence
                 g.routing = [r[:n, i] for r in per_layer]
+        if self._conf is not None:
+            per_router = [
+                torch.cat([step[j] for step in self._conf], 0) for j in range(len(self.confidence.layers))
+            ]
+            for i, g in enumerate(out):
+                p, n = len(g.prompt_ids), len(g.prompt_ids) + len(g.response_ids) - 1
+                g.confidence = [  # response positions p - 1 .. n - 1 (those the update trains on)
+                    (layer, float(c[p - 1 : n, i].sum()), float(n - p + 1))
+                    for layer, c in zip(self.confidence.layers, per_router)
+                ]
+            self._conf = None
         self.stats["seconds"] += time.perf_counter() - t0
         self.last_kv = {"used_bytes": cache.used_bytes(), "allocated_bytes": cache.allocated_bytes()}
         return out

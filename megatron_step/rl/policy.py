@@ -34,6 +34,8 @@ here; see platform.parallel on batch_p2p_comm): fixed shapes work for every sche
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import types
 
@@ -47,6 +49,7 @@ from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.engine import index_routers, router_replays
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
+from megatron_step.rl.routing_confidence import RouterConfidence
 from megatron_step.training import checkpoint
 from megatron_step.training.step import dp_sum, forward_backward, from_last_stage, train_step
 
@@ -224,10 +227,12 @@ def make_forward_step(cfg: PolicyLossConfig):
     return forward_step
 
 
-def _logp_step(data_iterator, model):
-    """forward_step_func of a log-prob pass (forward only): the log-probs as the loss function's data."""
+def _logp_step(data_iterator, model, confidence=None):
+    """forward_step_func of a log-prob pass (forward only): the log-probs as the loss function's data;
+    with `confidence` (a RouterConfidence), Sigma_k summed over the batch's mask."""
     batch = next(data_iterator)
-    out = model_output(model, batch)
+    with confidence.capture(batch["mask"]) if confidence else contextlib.nullcontext():
+        out = model_output(model, batch)
 
     def loss_func(ce_BS):
         logp = -ce_BS.float()
@@ -255,6 +260,7 @@ class PolicyUpdate:
         micro_batch_size: int,
         replay=True,
         reference=None,
+        routing_confidence: str = "off",
     ):
         if loss.kl_coef > 0 and reference is None:
             raise ValueError(
@@ -270,6 +276,8 @@ class PolicyUpdate:
         self.batches = Microbatches(chunks, micro_batch_size, replay)
         self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
         index_routers([c.module for c in chunks])  # routing lists span this rank's chunks
+        # Sigma_k of the training forward (pi_prox pass) on the response tokens: routing/confidence_train
+        self.confidence = RouterConfidence(chunks, routing_confidence)
 
     def _normalize(self, micro: list[dict], n: int) -> None:
         """The step mean (see `normalize_step`); keeps the step's counts for `_step_metrics`."""
@@ -333,7 +341,8 @@ class PolicyUpdate:
         shape = self.batches.shape(micro)
         # pi_prox: the trainer's current weights; it is pi_old too where the rollouts carry none
         # (sync: they were sampled with these weights)
-        _store_logp(self.chunks, micro, "prox_logp", shape)
+        self.confidence.reset()
+        _store_logp(self.chunks, micro, "prox_logp", shape, confidence=self.confidence or None)
         for b in micro:
             if "prox_logp" in b and "old_logp" not in b:  # the last pipeline stage: where the loss runs
                 b["old_logp"] = b["prox_logp"]
@@ -346,6 +355,9 @@ class PolicyUpdate:
         dt = time.perf_counter() - t0
         # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
         metrics = from_last_stage(self._step_metrics(micro, result, n))
+        if self.confidence:  # collective: DP (and TP under SP) groups; other stages' layers: end of step
+            sp = self.chunks[0].module.config.sequence_parallel
+            metrics.update(self.confidence.reduced(sp, "confidence_train"))
         n_tok = sum(float(b["mask"].sum()) for b in micro)
         metrics.update(
             {
@@ -440,10 +452,11 @@ def _units(batch: dict, tokens: bool) -> float:
 
 
 @torch.no_grad()
-def _store_logp(chunks, micro: list[dict], key: str, shape: dict) -> None:
+def _store_logp(chunks, micro: list[dict], key: str, shape: dict, confidence=None) -> None:
     """batch[key] = log-probs of `chunks` on each microbatch (forward only, Megatron-Core's schedule),
-    masked; set on the last pipeline stage, where the loss reads them."""
-    got = forward_backward(chunks, micro, forward_step=_logp_step, forward_only=True, **shape)
+    masked; set on the last pipeline stage, where the loss reads them. `confidence`: see _logp_step."""
+    step = functools.partial(_logp_step, confidence=confidence) if confidence else _logp_step
+    got = forward_backward(chunks, micro, forward_step=step, forward_only=True, **shape)
     for b, m in zip(micro, got):
         b[key] = m["logp"] * b["mask"]
 

@@ -42,6 +42,7 @@ from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.erasure_credit import attention_shares, erasure_stats, segment_advantages
 from megatron_step.rl.lockstep import mix_seed
 from megatron_step.rl.reward_pool import RewardRunner
+from megatron_step.rl.routing_confidence import rollout_confidence
 from megatron_step.rl.tasks import Task
 
 __all__ = ["Evaluator", "RolloutBatch", "RolloutSampler", "group_rollouts"]
@@ -223,6 +224,7 @@ class RolloutSampler:
                 "rl/tokens_sampled": float(n_sampled),
             }
         )
+        stats.update(rollout_confidence([x.confidence for x in gens if x.confidence]))
         if self.e3rl is not None:
             stats.update(erasure_stats(gens, correct))
             self._log_erasures(batch, correct)

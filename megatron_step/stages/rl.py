@@ -56,6 +56,7 @@ from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward, resolve_reward_fn
 from megatron_step.rl.rollouts import Evaluator, RolloutSampler
+from megatron_step.rl.routing_confidence import merge_stages
 from megatron_step.rl.sft import sft_config, sft_datasets
 from megatron_step.rl.tasks import make_task
 from megatron_step.stages.pretrain import due, pretrain
@@ -152,6 +153,7 @@ class _Run:
             }
         )
         metrics = dp_mean(metrics, max_keys=("staleness/max",))
+        metrics = merge_stages(metrics)  # Sigma_k of every pipeline stage's layers (collective, PP group)
         self.out["reward"].append((step + 1, metrics.get("rl/reward_mean", float("nan"))))
         # the DP mean (the same number on every rank), so all ranks stop at the same step
         budget_hit = 0 < r.max_tokens_sampled <= metrics["rl/tokens_sampled_cumulative"]
@@ -265,7 +267,9 @@ def train_rl(cfg: RLRunConfig) -> dict:
     model = rl_model_config(cfg)
     chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
     checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
-    engine = Engine(chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad)  # every (virtual) stage of this rank
+    # every (virtual) stage of this rank
+    conf = r.routing_confidence
+    engine = Engine(chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad, routing_confidence=conf)
     reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)
     runner = RewardRunner(reward, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
     pref = (
@@ -278,7 +282,14 @@ def train_rl(cfg: RLRunConfig) -> dict:
     # the KL term's reference: the policy's starting weights, frozen, in the same layout
     reference = build_reference(model, cfg.parallel, init_from) if r.loss.kl_coef > 0 else None
     update = PolicyUpdate(
-        chunks, optimizer, scheduler, r.loss, t.micro_batch_size, replay=r.routing_replay, reference=reference
+        chunks,
+        optimizer,
+        scheduler,
+        r.loss,
+        t.micro_batch_size,
+        replay=r.routing_replay,
+        reference=reference,
+        routing_confidence=r.routing_confidence,
     )
     critic = None
     if r.advantage == "gae":  # the critic: same architecture and layout, its own optimizer
@@ -306,7 +317,12 @@ def train_rl(cfg: RLRunConfig) -> dict:
             # _check_layout), not even E3RL's alignment across ranks -- it would race the trainer's
             alone = Lockstep(None)
             sampler.engine = Engine(
-                replica, eos_id=tokenizer.eos, pad_id=tokenizer.pad, lockstep=alone, across_ranks=alone
+                replica,
+                eos_id=tokenizer.eos,
+                pad_id=tokenizer.pad,
+                lockstep=alone,
+                across_ranks=alone,
+                routing_confidence=r.routing_confidence,
             )
             _run_async(run, replica)
     finally:

@@ -38,6 +38,7 @@ from megatron_step.rl.reward_model import PreferenceReward, RewardModel
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rewards import default_reward
 from megatron_step.rl.rollouts import Evaluator, RolloutSampler
+from megatron_step.rl.routing_confidence import merge_stages, rollout_confidence
 from megatron_step.rl.tasks import ArithmeticTask
 from megatron_step.stages.rl import train_rl
 from megatron_step.testing import run_distributed
@@ -152,7 +153,7 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
     | kl (plain rollouts, a KL term to a frozen reference model, rl.loss.kl_coef = 0.5)."""
     optim = "macro" if kind == "macro" else "adam"
     chunks, opt, sched = _build(parallel_kw, weights, save, optim, model_cfg)
-    engine = Engine(chunks, eos_id=EOS)
+    engine = Engine(chunks, eos_id=EOS, routing_confidence="share")
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     prompts = _prompts(_model_cfg().vocab_size)
     per = len(prompts) // dp
@@ -185,15 +186,18 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
     ]
     loss_cfg = PolicyLossConfig("mispo", kl_coef=0.5 if kind == "kl" else 0.0)
     reference = _reference_model(parallel_kw, weights) if kind == "kl" else None
-    update = PolicyUpdate(chunks, opt, sched, loss_cfg, micro_batch_size=mbs, reference=reference)
+    update = PolicyUpdate(
+        chunks, opt, sched, loss_cfg, micro_batch_size=mbs, reference=reference, routing_confidence="share"
+    )
     metrics = update(groups)
+    metrics.update(rollout_confidence([g.confidence for g in gens if g.confidence]))
     _save([c.module for c in chunks], out)
     summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
     return {
         "sampled": _dp_gather(summary),
         "greedy": _dp_gather([(x.response_ids, x.logprobs) for x in greedy]),
         "loss": dp_mean(metrics)["policy/loss"],
-        "metrics": dp_mean(metrics),
+        "metrics": merge_stages(dp_mean(metrics)),
     }
 
 
@@ -271,6 +275,12 @@ def test_rollouts_and_one_update_match_one_process(name, reference, tmp_path):
         got["metrics"],
         want["metrics"],
     )
+    # Sigma_k of the training forward, per MoE layer (every pipeline stage's), over the step's tokens
+    conf = {k: v for k, v in want["metrics"].items() if k.startswith("routing/confidence_train/")}
+    m = _model_cfg()
+    assert len(conf) == m.num_layers - m.first_k_dense and all(0 < v <= 1 for v in conf.values()), conf
+    for k, v in conf.items():
+        assert got["metrics"][k] == pytest.approx(v, rel=1e-5), k
     _same_weights(reference, "plain", str(tmp_path))
 
 

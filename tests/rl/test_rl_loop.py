@@ -81,8 +81,17 @@ def test_sync_run_logs_the_rl_scalars(dirs):
         "train/skipped_iterations",
         "rl/weight_sync_seconds",
         "rl/step_seconds",
+        "routing/confidence_rollout",
+        "routing/confidence_train",
+        "routing/confidence_gap",
+        "routing/confidence_train/layer_03",
     ):
         assert tag in tags, (tag, sorted(tags))
+    # sync, routing replayed: the engine and the training forward measure the same weights on the
+    # same tokens and experts (KV-cache decode vs one full forward: fp32 rounding only)
+    gap = curves["routing/confidence_gap"].values()
+    assert max(abs(v) for v in gap) < 1e-4, curves["routing/confidence_gap"]
+    assert 0 < min(curves["routing/confidence_train"].values()) <= 1
 
 
 def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
