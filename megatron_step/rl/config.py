@@ -102,6 +102,11 @@ class RLConfig:
     # --- loss: the nested rl.loss section (PolicyLossConfig: kind, clip_eps, clip_eps_high, kl_coef,
     # tis_cap, mispo_* bounds, token_level_mean); `rl.loss=grpo` alone sets its kind ------------------
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    # --- MTP ----------------------------------------------------------------------------------------
+    # loss weight of each MTP depth on the policy's own sampled responses (the response tokens, as
+    # the policy loss), so the draft heads keep up with the policy (the report: MTP loss weight 0.1 in
+    # SFT, 0.3 then 0.1 in training); 0: the heads get no gradient (they still run in the forwards)
+    mtp_loss_weight: float = 0.0
     # --- advantages -----------------------------------------------------------------------------------
     # "grpo": group z-scores of the rewards (no critic); "gae": actor-critic, a critic model (the
     # nested rl.critic section, megatron_step.rl.critic) and GAE per token with truncation-aware
@@ -167,6 +172,8 @@ class RLConfig:
                 f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
                 f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
             )
+        if not self.mtp_loss_weight >= 0:
+            raise ValueError(f"rl.mtp_loss_weight={self.mtp_loss_weight}: must be >= 0")
         if self.routing_confidence not in ("share", "sum", "off"):
             raise ValueError(f"rl.routing_confidence={self.routing_confidence!r}: one of share, sum, off")
         if self.advantage not in ("grpo", "gae"):

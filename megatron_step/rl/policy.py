@@ -42,6 +42,7 @@ import types
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_step.models.step_flash import build_step_flash
 from megatron_step.platform import to_device
@@ -161,6 +162,8 @@ def model_output(model, batch: dict) -> torch.Tensor:
     set_replay(unwrapped, batch.get("routing"))
     try:
         extra = {"images": batch["images"]} if "images" in batch else {}
+        if "mtp_loss_mask" in batch:  # the MTP depths' loss on these positions only (rl.mtp_loss_weight)
+            extra["loss_mask"] = batch["mtp_loss_mask"]
         return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **extra)
     finally:
         set_replay(unwrapped, None)  # the replayed indices are only needed by this forward
@@ -278,6 +281,9 @@ class PolicyUpdate:
         index_routers([c.module for c in chunks])  # routing lists span this rank's chunks
         # Sigma_k of the training forward (pi_prox pass) on the response tokens: routing/confidence_train
         self.confidence = RouterConfidence(chunks, routing_confidence)
+        # MTP depths trained on the responses: the model was built with MTP loss weights > 0
+        config = chunks[0].module.config
+        self.train_mtp = bool(config.mtp_num_layers) and config.mtp_loss_scaling_factor > 0
 
     def _normalize(self, micro: list[dict], n: int) -> None:
         """The step mean (see `normalize_step`); keeps the step's counts for `_step_metrics`."""
@@ -304,6 +310,23 @@ class PolicyUpdate:
                 level = key != "traj_mask_rate"
                 out[key] = sum(v * _units(b, level) for b, v in vals) * dp / max(self._step_units[level], 1.0)
         return {f"policy/{k}": v for k, v in out.items()}
+
+    def _mtp_metrics(self, n_real: int) -> dict[str, float]:
+        """train/mtp_{k}_loss (the mean over this rank's real microbatches of each depth's masked mean)
+        and mtp/accuracy_{k} (the share of response tokens whose depth-k prediction is the sampled
+        token: a drafter's acceptance rate under greedy verification), from Megatron-Core's MTP
+        tracker; the last pipeline stage (where the MTP block runs), only when training MTP."""
+        tracker = MTPLossLoggingHelper.tracker
+        out = {}
+        if self.train_mtp and tracker.get("loss_values") is not None and n_real:
+            loss, correct, total = (
+                tracker[k].tolist() for k in ("loss_values", "correct_values", "total_values")
+            )
+            for k in range(len(loss)):
+                out[f"train/mtp_{k + 1}_loss"] = loss[k] / n_real
+                out[f"mtp/accuracy_{k + 1}"] = correct[k] / max(total[k], 1.0)
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        return out
 
     def __call__(self, groups: list[list[Rollout]], advantages=None) -> dict[str, float]:
         """Train on `groups` (this rank's share); returns policy/* and train/* metrics of this rank.
@@ -348,13 +371,18 @@ class PolicyUpdate:
                 b["old_logp"] = b["prox_logp"]
         if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
             _store_logp(self.reference, micro, "ref_logp", shape)
+        if self.train_mtp:  # the MTP loss on the response tokens (Megatron-Core's MTP block adds it)
+            for b in micro:
+                b["mtp_loss_mask"] = b["mask"]
+        MTPLossLoggingHelper.clean_metrics_in_tracker()  # the log-prob passes above ran MTP too
         result = train_step(
             self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step, **shape
         )
+        mtp = self._mtp_metrics(sum(not b.get("padding") for b in micro))
         self.skipped += not result.update_successful
         dt = time.perf_counter() - t0
         # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
-        metrics = from_last_stage(self._step_metrics(micro, result, n))
+        metrics = from_last_stage({**self._step_metrics(micro, result, n), **mtp})
         if self.confidence:  # collective: DP (and TP under SP) groups; other stages' layers: end of step
             sp = self.chunks[0].module.config.sequence_parallel
             metrics.update(self.confidence.reduced(sp, "confidence_train"))

@@ -69,12 +69,12 @@ __all__ = ["rl_model_config", "train_rl", "warm_start"]
 
 
 def rl_model_config(cfg: RLRunConfig) -> StepFlashConfig:
-    """The RL run's model: routing replay as configured; MTP modules kept (weights load) but given
-    no loss (RL trains next-token log-probs only)."""
+    """The RL run's model: routing replay as configured; the MTP modules kept (weights load) with
+    loss weight `rl.mtp_loss_weight` per depth on the sampled responses (0: no MTP loss)."""
     m = cfg.model_config()
     return m.replace(
         routing_replay=cfg.rl.routing_replay and bool(m.num_experts),
-        mtp_loss_weights=[0.0] * m.mtp_num_layers,
+        mtp_loss_weights=[cfg.rl.mtp_loss_weight] * m.mtp_num_layers,
     )
 
 

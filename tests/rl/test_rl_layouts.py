@@ -297,6 +297,43 @@ def test_pp2_without_mtp_matches_one_process(tmp_path):
     _same_weights(ref, "plain", out, model_cfg=cfg)
 
 
+def _mtp_cfg(weight: float):
+    """The RL model with its MTP-3 depths trained on the responses (stages.rl.rl_model_config)."""
+    return dataclasses.replace(_model_cfg(), mtp_loss_weights=[weight] * _model_cfg().mtp_num_layers)
+
+
+@pytest.mark.parametrize("kw", [{}, {"pp": 2}], ids=["dp2", "pp2"])
+def test_mtp_trained_in_rl_updates_as_one_process(kw, tmp_path):
+    """rl.mtp_loss_weight > 0: the MTP depths train on the sampled responses -- their weights move
+    (with weight 0 they do not), their losses and draft accuracy are logged, and DP2 / PP2 (MTP on
+    the last stage) give the weights and MTP losses of one process."""
+    cfg, w = _mtp_cfg(0.3), str(tmp_path / "weights")
+    ref_out, out, zero_out = (str(tmp_path / d) for d in ("ref", "got", "zero"))
+    (want,) = run_distributed(rollouts_and_update, 1, {}, w, ref_out, True, "plain", cfg)
+    got = next(r for r in run_distributed(rollouts_and_update, 2, kw, w, out, False, "plain", cfg) if r)
+    for k in (1, 2, 3):
+        key = f"train/mtp_{k}_loss"
+        assert want["metrics"][key] > 0 and 0 <= want["metrics"][f"mtp/accuracy_{k}"] <= 1
+        assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
+    ref = {"weights": w, "plain": {"out": ref_out}}
+    _same_weights(ref, "plain", out, model_cfg=cfg)
+    run_distributed(rollouts_and_update, 1, {}, w, zero_out, False, "plain", _mtp_cfg(0.0))
+    init, trained, zero = run_distributed(full_weights, 1, [w, ref_out, zero_out], cfg)[0]
+    mtp_keys = [k for k in init if k.startswith("mtp.")]
+    assert mtp_keys and any(not torch.equal(trained[k], init[k]) for k in mtp_keys)
+    assert all(torch.equal(zero[k], init[k]) for k in mtp_keys)  # weight 0: the heads stay
+
+
+def test_the_rl_stage_builds_its_model_with_the_mtp_weight():
+    from megatron_step.stages.rl import rl_model_config
+
+    for w in (0.0, 0.1):
+        cfg = load_run_config(
+            os.path.join(REPO, "examples/rl/rl_tiny.yaml"), [f"rl.mtp_loss_weight={w}"], RLRunConfig
+        )
+        assert rl_model_config(cfg).mtp_loss_weights == [w] * cfg.model_config().mtp_num_layers
+
+
 def test_the_loss_is_a_mean_over_the_step_not_the_microbatch(reference, tmp_path):
     """The 16 rollouts of the reference update (8 microbatches of 2, 1 process) in one microbatch, in
     microbatches of 3 (3, 3, 3, 3, 3, 1) and on two DP ranks in microbatches of 3 (3, 3, 2 each, the
