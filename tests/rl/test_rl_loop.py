@@ -148,6 +148,7 @@ def test_exact_staleness_fixes_each_step_s_staleness_whatever_the_timing(dirs):
     extra = ("rl.async_mode=true", "rl.max_staleness=2", "rl.exact_staleness=true", "train.steps=4")
     extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward", "optim.lr=1e-3")
     keys = ["rl/reward_mean", "policy/loss", "policy/staleness_kl", "train/grad_norm", "rl/accuracy_heldout"]
+    keys.append("routing/confidence_gap")
     curves = []
     for name, delay in (("exact", 0.0), ("exact_slowed", 1.5)):
         run_dir = str(dirs["root"] / name)
@@ -156,6 +157,9 @@ def test_exact_staleness_fixes_each_step_s_staleness_whatever_the_timing(dirs):
         curves.append(read_run(run_dir, keys))
     assert curves[0] == curves[1]
     assert curves[0]["policy/staleness_kl"][4] != 0.0  # the policy moved between sampling and training
+    # Sigma_k: the replica's rollouts vs the trainer's forward agree at staleness 0 (step 1), not at 2
+    gap = curves[0]["routing/confidence_gap"]
+    assert abs(gap[1]) < 1e-4 and abs(gap[4]) > 10 * abs(gap[1]) and abs(gap[4]) > 1e-5, gap
 
 
 def test_exact_staleness_under_two_dp_ranks_matches_one_process(dirs):
