@@ -82,7 +82,7 @@ class CriticConfig:
     # whiten the GAE advantages over the step's tokens (mean 0, std 1), as PPO implementations often
     # do. Off by default (ours, measured): when a step's rewards are all equal the advantages are
     # the critic's small errors, and whitening blows them up to unit scale -- on the tiny task the
-    # policy drifted to format-only answers within 8 steps (docs/benchmarks.md); unwhitened, they stay
+    # policy drifted to format-only answers within 8 steps (docs/design.md); unwhitened, they stay
     # the size of the reward's surprise (GRPO gives such a step 0)
     whiten_advantages: bool = False
     # a response cut at rl.max_new_tokens: "bootstrap" (the report's truncation-aware bootstrapping:

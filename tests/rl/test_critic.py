@@ -86,7 +86,7 @@ def test_actor_critic_config_refuses_what_it_cannot_run():
 # ---------------------------------------------------------------------------------------------
 # the critic under every layout
 # ---------------------------------------------------------------------------------------------
-CRITIC = CriticConfig(minibatches=2, lr=0.05)
+CRITIC = CriticConfig(minibatches=2, lr=0.05, whiten_advantages=True)  # the whitening path too
 G = 2
 
 
