@@ -300,9 +300,8 @@ class Critic:
         """Per-token GAE advantages nested as `groups` (failed rewards: zeros, not trained on), whitened
         over the step when configured, and the targets of the next `update`. Returns (advantages,
         critic/* metrics of the value pass)."""
-        rollouts = [r for grp in groups for r in grp]
         train = self._trainable(groups)
-        vals = self.values(train) if train else []
+        vals = self.values(train)  # every rank, even with nothing to score: EP / TP forwards are collective
         t_max = max([len(r.response_ids) for r in train] + [1])
         v = torch.zeros(len(train), t_max + 1)
         for k, row in enumerate(vals):
@@ -333,7 +332,6 @@ class Critic:
             per[id(r)] = adv[k, :t].tolist()
             self._targets[id(r)] = (v[k, :t].tolist(), ret[k, :t].tolist())
         nested = [[per.get(id(r), [0.0] * len(r.response_ids)) for r in grp] for grp in groups]
-        del rollouts
         metrics = {
             "critic/advantage_mean": a_mean,
             "critic/advantage_std": a_var**0.5,

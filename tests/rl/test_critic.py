@@ -179,6 +179,27 @@ def test_the_critic_under_a_layout_matches_one_process(name, one_process):
                 assert got[part][k] == pytest.approx(v, rel=2e-4, abs=1e-6), f"{part} {k}"
 
 
+def critic_with_failed_rewards(rank, world_size, policy_dir):
+    """EP2, every reward of rank 1 failed: that rank has nothing to score or fit, yet must run the
+    collective forwards of the value pass and the value steps with its peer (padding)."""
+    parallel = ParallelConfig(ep=2)
+    platform.setup(parallel, seed=SEED)
+    critic = Critic.build(_model_cfg(), parallel, _optim(), CRITIC, 2, 2, policy_dir)
+    groups = _groups(_model_cfg().vocab_size)
+    for r in (r for g in groups for r in g):
+        r.reward_failed = rank == 1
+    adv, _ = critic.advantages(groups, gamma=1.0, lam=1.0)
+    return adv, dp_mean(critic.update(groups))["critic/value_loss"]
+
+
+def test_a_rank_whose_rewards_all_failed_keeps_the_critic_in_lockstep(one_process):
+    policy_dir, _ = one_process
+    (adv0, loss0), (adv1, loss1) = run_distributed(critic_with_failed_rewards, 2, policy_dir)
+    assert loss0 == pytest.approx(loss1) and loss0 > 0
+    tokens = [[x for grp in adv for a in grp for x in a] for adv in (adv0, adv1)]
+    assert all(x == 0.0 for x in tokens[1]) and any(x != 0.0 for x in tokens[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # initialisation from a reward model
 # ---------------------------------------------------------------------------------------------
