@@ -5,6 +5,7 @@ tokens), a Markdown table and a PNG. Four suites:
     python -m benchmarks.rl_compare --suite e3rl       # E3RL vs plain GRPO, equal token budget
     python -m benchmarks.rl_compare --suite staleness  # MIS-PO / TIS / GRPO at staleness 0, 2, 4
     python -m benchmarks.rl_compare --suite critic     # GRPO vs actor-critic (GAE), two truncation rules
+    python -m benchmarks.rl_compare --suite spec       # MTP speculative rollouts: drafter refreshed or not
 
 staleness: the demo task, async with rl.exact_staleness (batch b sampled with version b - k, so every
 step from the k-th on trains on rollouts exactly k versions old, and thread timing plays no part),
@@ -14,6 +15,12 @@ critic: the demo task, sync, MIS-PO; per seed the GRPO advantages vs GAE with a 
 (rl.advantage=gae, gamma = lam = 1) with the report's truncation-aware bootstrapping and with cut
 responses scored as terminal (rl.critic.truncation=terminal): the same rollouts per step (equal
 samples), the same steps.
+
+spec: the demo task, sync, MTP trained in RL (rl.mtp_loss_weight=0.1), rollouts by MTP-3 speculative
+decoding (rl.speculative.tokens=3, the rejection rule); per seed the policy's own heads draft (every
+update refreshes the drafter) or a frozen copy of the starting heads does (rl.speculative.
+refresh_drafter=false): acceptance per draft depth by step. Each run saves its final checkpoint (the
+input of benchmarks.spec_decode).
 
 demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
 seeds and async with staleness cap 1, every run `--steps` RL steps.
@@ -54,7 +61,7 @@ LONG_TASK = [
 ]
 
 
-SUITES = ("demo", "e3rl", "staleness", "critic")
+SUITES = ("demo", "e3rl", "staleness", "critic", "spec")
 
 
 def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
@@ -103,6 +110,20 @@ def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
                 "rl.critic.truncation=terminal",
             ]
         return common, runs
+    if name == "spec":
+        common = [
+            *DEMO_TASK,
+            f"train.steps={args.steps}",
+            "train.eval_interval=10",
+            f"train.save_interval={args.steps}",
+            "rl.mtp_loss_weight=0.1",
+            "rl.speculative.tokens=3",
+        ]
+        runs = {}
+        for s in seeds:
+            runs[f"refresh-seed{s}"] = [f"train.seed={s}"]
+            runs[f"frozen-seed{s}"] = [f"train.seed={s}", "rl.speculative.refresh_drafter=false"]
+        return common, runs
     raise ValueError(f"--suite {name!r}: one of {', '.join(SUITES)}")
 
 
@@ -128,6 +149,8 @@ def run_one(overrides: list[str], result_path: str) -> None:
     logged = golden.read_run(cfg.train.run_dir)
     keys = ("policy/keep_rate", "policy/clip_frac", "policy/staleness_kl", "policy/ppo_ratio_mean")
     keys += ("critic/value_error", "critic/explained_variance", "rl/response_length", "critic/truncated_rate")
+    keys += ("spec/acceptance_1", "spec/acceptance_2", "spec/acceptance_3", "spec/tokens_per_draft_step")
+    keys += ("rl/generation_tokens_per_sec",)
     for key in keys:
         if key in logged:
             res[key.split("/")[1]] = sorted(logged[key].items())
@@ -216,9 +239,24 @@ def plot_staleness(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_arms(results: dict, path: str) -> None:
-    """Mean over seeds per arm (run name before '-seed'): held-out accuracy (greedy, sampled), the
-    response length and the critic's prediction error on each step's fresh rollouts."""
+CRITIC_PANELS = (
+    ("accuracy", "held-out accuracy (greedy)"),
+    ("accuracy_sampled", "held-out accuracy (sampled)"),
+    ("response_length", "response length (tokens)"),
+    ("value_error", "critic: 0.5 (V - G)^2, fresh rollouts"),
+)
+SPEC_PANELS = (
+    ("acceptance_1", "draft depth 1: accepted / proposed"),
+    ("acceptance_2", "depth 2 (given depth 1 accepted)"),
+    ("acceptance_3", "depth 3 (given depth 2 accepted)"),
+    ("accuracy_sampled", "held-out accuracy (sampled)"),
+)
+
+
+def plot_arms(results: dict, path: str, panels=CRITIC_PANELS) -> None:
+    """Mean over seeds per arm (run name before '-seed'), one panel per (key, title) of `panels`
+    (critic suite: held-out accuracy, response length, the critic's error on fresh rollouts; spec
+    suite: draft acceptance per depth)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,12 +273,6 @@ def plot_arms(results: dict, path: str) -> None:
             sum(r[key][j][1] for r in runs) / len(runs) for j in range(n)
         ]
 
-    panels = [
-        ("accuracy", "held-out accuracy (greedy)"),
-        ("accuracy_sampled", "held-out accuracy (sampled)"),
-        ("response_length", "response length (tokens)"),
-        ("value_error", "critic: 0.5 (V - G)^2, fresh rollouts"),
-    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for i, (arm, runs) in enumerate(arms.items()):
@@ -292,8 +324,8 @@ def main(argv=None) -> None:
     png = args.png or os.path.join(out, f"{args.suite}.png")
     if args.suite == "staleness":
         plot_staleness(results, png)
-    elif args.suite == "critic":
-        plot_arms(results, png)
+    elif args.suite in ("critic", "spec"):
+        plot_arms(results, png, SPEC_PANELS if args.suite == "spec" else CRITIC_PANELS)
     else:
         plot(results, png, "tokens" if args.suite == "e3rl" else "step")
     print(table(results))

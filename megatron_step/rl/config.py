@@ -15,6 +15,30 @@ from megatron_step.rl.losses import PolicyLossConfig
 
 
 @dataclass
+class SpeculativeConfig:
+    """MTP speculative decoding of the rollouts (`rl.speculative.<field>`; megatron_step/rl/engine.py).
+    Greedy decoding (held-out evaluation) is token-identical to plain decoding either way."""
+
+    tokens: int = 0  # drafts per step (<= the model's MTP depths; 0: plain decoding)
+    # "rejection": the standard rule (accept with min(1, p/q), resample the residual), exact in
+    # distribution; a row's tokens then depend on the batch it shares, so DP layouts sample different
+    # (equally distributed) rollouts. "coupled": the draft and the policy share plain decoding's
+    # uniform, accepted when they agree: plain decoding's tokens exactly, in every layout, with a lower
+    # acceptance rate
+    accept: str = "rejection"
+    # draft with the policy's own MTP heads (True: every update is a drafter refresh). False drafts with
+    # a frozen copy of the starting heads -- a rollout engine whose drafter is never re-synced, to
+    # measure what that costs (docs/benchmarks.md); not for training runs
+    refresh_drafter: bool = True
+
+    def __post_init__(self):
+        if self.tokens < 0:
+            raise ValueError(f"rl.speculative.tokens={self.tokens}: must be >= 0 (0: off)")
+        if self.accept not in ("rejection", "coupled"):
+            raise ValueError(f"rl.speculative.accept={self.accept!r}: one of rejection, coupled")
+
+
+@dataclass
 class E3RLConfig:
     """E3RL knobs. The paper (docs/design.md §5.3) publishes the structure (segments, smoothed mean + max +
     rate of change, group-adaptive threshold, exponential erasure penalty, Erase@K with K=5 best,
@@ -107,6 +131,8 @@ class RLConfig:
     # the policy loss), so the draft heads keep up with the policy (the report: MTP loss weight 0.1 in
     # SFT, 0.3 then 0.1 in training); 0: the heads get no gradient (they still run in the forwards)
     mtp_loss_weight: float = 0.0
+    # MTP speculative decoding of the rollouts: the nested rl.speculative section (SpeculativeConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     # --- advantages -----------------------------------------------------------------------------------
     # "grpo": group z-scores of the rewards (no critic); "gae": actor-critic, a critic model (the
     # nested rl.critic section, megatron_step.rl.critic) and GAE per token with truncation-aware
@@ -187,6 +213,17 @@ class RLConfig:
             )
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature={self.temperature}: must be > 0")
+        if self.speculative.tokens and self.async_mode:
+            raise ValueError(
+                f"rl.speculative.tokens={self.speculative.tokens} with rl.async_mode=true: the async "
+                "replica has no MTP heads (Megatron-Core's InferenceMode flag is process-wide, see "
+                "megatron_step/stages/rl.py); use speculative decoding with synchronous RL"
+            )
+        if self.speculative.tokens and self.rollout != "plain":
+            raise ValueError(
+                f"rl.speculative.tokens={self.speculative.tokens} with rl.rollout={self.rollout}: "
+                "erasable rollouts decode token by token; use rl.rollout=plain"
+            )
 
 
-__all__ = ["CriticConfig", "E3RLConfig", "PolicyLossConfig", "RLConfig"]
+__all__ = ["CriticConfig", "E3RLConfig", "PolicyLossConfig", "RLConfig", "SpeculativeConfig"]

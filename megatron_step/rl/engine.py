@@ -114,8 +114,11 @@ class KVCache:
     values. `length` is the number of positions held; `truncate(n)` drops positions >= n (they are
     overwritten by the next forward, nothing before n is touched or recomputed)."""
 
-    def __init__(self, batch: int, max_len: int):
+    def __init__(self, batch: int, max_len: int, all_logits: bool = False):
         self.ctx = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
+        # Megatron-Core's static context computes logits for the last position only (under
+        # InferenceMode); speculative verification needs every fed position's
+        self.ctx.config.materialize_only_last_token_logits = not all_logits
         self.batch, self.max_len = batch, max_len
 
     @property
@@ -206,6 +209,9 @@ class Engine:
         prompt_spread=None,
         across_ranks=None,
         routing_confidence: str = "off",
+        speculative: int = 0,
+        accept: str = "rejection",
+        drafter=None,
     ):
         self.chunks = unwrap_chunks(model)
         self.model = self.chunks[0]  # its config is the model's; `inference()` switches every chunk
@@ -231,28 +237,61 @@ class Engine:
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "seconds": 0.0}
         self.device = next(self.model.parameters()).device
         self.last_kv: dict[str, int] = {}  # KV-cache bytes of the last generate call (used, allocated)
+        # MTP speculative decoding (see `_generate_chunk_spec`): draft `speculative` tokens per step
+        # with the MTP heads of `drafter` (default: this model's own last chunk, so a weight update
+        # of the policy is a drafter refresh), verify them in one forward
+        self.speculative, self.accept = int(speculative), accept
+        if self.speculative:
+            depth = self.config.mtp_num_layers or 0
+            if not self.has_mtp and self.last_stage:
+                raise ValueError("speculative decoding drafts with MTP heads; this model has none")
+            if not 1 <= self.speculative <= depth:
+                raise ValueError(
+                    f"rl.speculative.tokens={self.speculative}: must be in [1, mtp_num_layers={depth}]"
+                )
+            if accept not in ("rejection", "coupled"):
+                raise ValueError(f"rl.speculative.accept={accept!r}: one of rejection, coupled")
+        self.drafter = unwrap_chunks(drafter)[-1] if drafter is not None else self.chunks[-1]
+        self.stats["spec_proposed"] = [0] * max(self.speculative, 0)
+        self.stats["spec_accepted"] = [0] * max(self.speculative, 0)
+        self.stats["forwards"] = 0
 
     # -- low level: one forward through the cache ----------------------------------------------------
     @torch.no_grad()
     def forward(
-        self, cache: KVCache, tokens_BS: torch.Tensor, routing: list | None = None, **model_kwargs
+        self,
+        cache: KVCache,
+        tokens_BS: torch.Tensor,
+        routing: list | None = None,
+        chunk: bool = False,
+        **model_kwargs,
     ) -> torch.Tensor:
         """Feed `tokens_BS` at positions [cache.length, cache.length + S) and advance the cache.
         Returns fp32 logits (B, S, V). With `routing` (a list), appends each MoE layer's chosen
-        experts for these positions, (S, B, K) per layer, one entry per model call.
+        experts for these positions, (S, B, K) per layer, one entry (start position, tensors) per
+        model call.
 
         Megatron-Core's static cache takes a multi-token chunk only as the first (prefill) call --
         later calls drop the causal mask (decode semantics) -- so a chunk fed into a non-empty cache
-        (after a truncation, or to teacher-force kept tokens) goes one position per call.
+        (after a truncation, or to teacher-force kept tokens) goes one position per call, unless
+        `chunk`: then one call with an explicit causal mask over the cache and the chunk (what
+        speculative verification needs; the cache must have `all_logits`). Sliding-window layers
+        build their own window mask, aligned to the chunk's end, which is the same.
         `model_kwargs` go to the model call (e.g. `images` for the image-text model's prefill)."""
         tokens_BS = tokens_BS.to(self.device)
         b, s = tokens_BS.shape
         if cache.length + s > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + s}")
+        mask = None
         if cache.length > 0 and s > 1:
-            return torch.cat(
-                [self.forward(cache, tokens_BS[:, i : i + 1], routing, **model_kwargs) for i in range(s)], 1
-            )
+            if not chunk:
+                return torch.cat(
+                    [self.forward(cache, tokens_BS[:, i : i + 1], routing, **model_kwargs) for i in range(s)],
+                    1,
+                )
+            n = cache.length + s  # True = hidden: key j > query position
+            mask = torch.ones(s, n, dtype=torch.bool, device=self.device).triu(cache.length + 1)
+            mask = mask[None, None].expand(b, 1, s, n)
         start = cache.length
         pos = torch.arange(start, start + s, device=tokens_BS.device).unsqueeze(0).expand(b, s)
         record = routing is not None and bool(self.replays)
@@ -265,21 +304,22 @@ class Engine:
                 sequence_parallel_off(self.chunks),
                 self.confidence.capture(rows=measure) if measure else contextlib.nullcontext(),
             ):
-                logits = self._run_chunks(tokens_BS, pos, cache.ctx, model_kwargs)
+                logits = self._run_chunks(tokens_BS, pos, cache.ctx, model_kwargs, mask)
+                self.stats["forwards"] += 1
         finally:
             for r in self.replays:
                 r.clear_router_replay_action()
         if measure:
-            self._conf.append([row.view(s, b) for row in self.confidence.rows])
+            self._conf.append((start, [row.view(s, b) for row in self.confidence.rows]))
         cache.ctx.sequence_len_offset += s
         if record:
             # the router sees tokens flattened from (S, B, H): row = s * B + b
             routing.append(
-                [r.get_recorded_indices().view(s, b, -1).to("cpu", copy=True) for r in self.replays]
+                (start, [r.get_recorded_indices().view(s, b, -1).to("cpu", copy=True) for r in self.replays])
             )
         return logits.float()
 
-    def _run_chunks(self, tokens_BS, pos, ctx, model_kwargs) -> torch.Tensor:
+    def _run_chunks(self, tokens_BS, pos, ctx, model_kwargs, mask=None) -> torch.Tensor:
         """One forward through this rank's chunks in pipeline order (see the module docstring):
         logits (B, S, V) on the last stage, a (B, S, 0) placeholder elsewhere."""
         b, s = tokens_BS.shape
@@ -293,7 +333,7 @@ class Engine:
                 recv_from_prev_pipeline_rank_(hidden)
                 chunk.set_input_tensor(hidden)
             kw = model_kwargs if chunk.pre_process else {}
-            out = chunk(tokens_BS, pos, None, inference_context=ctx, runtime_gather_output=True, **kw)
+            out = chunk(tokens_BS, pos, mask, inference_context=ctx, runtime_gather_output=True, **kw)
             if not chunk.post_process:
                 send_to_next_pipeline_rank(out.contiguous())  # p2p, PP group
         if not self.last_stage:
@@ -340,6 +380,29 @@ class Engine:
         return box[:, 0].long(), box[:, 1].float(), box[:, 2].float()
 
     @staticmethod
+    def _filter(logp_NV: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """Top-k / top-p applied to temperature-scaled log-probs (N, V): dropped tokens get -inf."""
+        filtered = logp_NV.clone()
+        if p.top_k:
+            kth = torch.topk(filtered, min(p.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_lp, idx = torch.sort(filtered, descending=True, dim=-1)
+            cum = sorted_lp.exp().cumsum(-1)
+            drop = cum - sorted_lp.exp() > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+            filtered = torch.full_like(filtered, float("-inf")).scatter(-1, idx, sorted_lp)
+        return filtered
+
+    @staticmethod
+    def _inverse_cdf(weights_NV: torch.Tensor, u_N: torch.Tensor) -> torch.Tensor:
+        """The token whose cumulative share of `weights_NV` (unnormalised, float64) first exceeds
+        u (N,) in [0, 1): never a token of weight 0."""
+        cdf = weights_NV.cumsum(-1)
+        u = u_N.to(cdf.device)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+    @staticmethod
     def _sample(logits_BV: torch.Tensor, p: SamplingParams, seed: int, keys):
         """(token, logprob, entropy) per row, each (B,). `keys[b]`: row b's key (prompt id, sample
         index, position, attempt) -- with `seed` it fixes the row's uniform (rl.lockstep), which picks
@@ -349,20 +412,8 @@ class Engine:
         if p.greedy:
             tok = logits_BV.argmax(-1)
         else:
-            filtered = logp.clone()
-            if p.top_k:
-                kth = torch.topk(filtered, min(p.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
-                filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_lp, idx = torch.sort(filtered, descending=True, dim=-1)
-                cum = sorted_lp.exp().cumsum(-1)
-                drop = cum - sorted_lp.exp() > p.top_p  # keep the smallest prefix reaching top_p
-                sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
-                filtered = torch.full_like(filtered, float("-inf")).scatter(-1, idx, sorted_lp)
-            cdf = torch.softmax(filtered.double(), -1).cumsum(-1)
-            u = keyed_uniforms(seed, keys).to(cdf.device)[:, None] * cdf[:, -1:]
-            # right=True: the first index whose cdf exceeds u, never a token of probability 0
-            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+            weights = torch.softmax(Engine._filter(logp, p).double(), -1)
+            tok = Engine._inverse_cdf(weights, keyed_uniforms(seed, keys))
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
 
     @torch.no_grad()
@@ -396,9 +447,8 @@ class Engine:
             idx = buckets[c] if c < len(buckets) else []  # a rank with fewer buckets steps idle
             imgs = None if images is None or not idx else images[idx]
             part = [prompts[i] for i in idx]
-            for i, g in zip(
-                idx, self._generate_chunk(part, params, seed, [keys[i] for i in idx], record_routing, imgs)
-            ):
+            run = self._generate_chunk_spec if self.speculative else self._generate_chunk
+            for i, g in zip(idx, run(part, params, seed, [keys[i] for i in idx], record_routing, imgs)):
                 out[i] = g
         return out
 
@@ -463,17 +513,281 @@ class Engine:
                 pos += 1
         if idle:
             return []
+        self._attach_records(out, routing, cache.max_len)
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.last_kv = {"used_bytes": cache.used_bytes(), "allocated_bytes": cache.allocated_bytes()}
+        return out
+
+    # -- MTP speculative decoding ----------------------------------------------------------------------
+    def _broadcast_last(self, box: torch.Tensor) -> torch.Tensor:
+        """`box` (float64; every stage allocates the same shape) from the last pipeline stage to the
+        pipeline group under PP; returned as is otherwise."""
+        if self.pp == 1:
+            return box
+        box = box.contiguous()
+        dist.broadcast(
+            box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+        return box
+
+    def _draft(self, hidden_1BH, last_BL, start_t, params, seed, keys, depths):
+        """`depths` (<= self.speculative) draft tokens per row from the MTP heads, Megatron-Core's
+        `compute_mtp_single_step`: depth d takes depth d-1's hidden state (the main model's for
+        d = 0) and the embedding of the token before the one it predicts. `start_t[i]`: the response
+        index the first draft would take (its keyed uniform). Returns tokens (B, k) on every stage
+        and their filtered sampling probabilities (B, k, V) (last stage; None elsewhere).
+        Every rank of the lockstep group calls this at every step with the same `depths` (MTP layers
+        may hold collectives)."""
+        b, k = last_BL.shape[0], depths
+        if k == 0:
+            return torch.zeros((b, 0), dtype=torch.long), None
+        toks = torch.zeros((b, k), dtype=torch.float64, device=self.device)
+        qs = None
+        if self.last_stage:
+            h, prev, qs = hidden_1BH, last_BL.to(self.device), []
+            with sequence_parallel_off([self.drafter]):
+                for d in range(k):
+                    h, logits = self.drafter.compute_mtp_single_step(
+                        hidden_states=h, next_token_ids=prev[:, None],
+                        position_ids=torch.zeros_like(prev)[:, None], depth=d,
+                    )  # fmt: skip
+                    logits = logits[0].float()  # (B, V)
+                    logp = torch.log_softmax(logits / params.temperature, -1)
+                    q = torch.softmax(self._filter(logp, params).double(), -1)
+                    if params.greedy:
+                        prev = logits.argmax(-1)
+                    else:  # coupled: plain decoding's uniform for that index; rejection: its own stream
+                        attempt = 0 if self.accept == "coupled" else -1
+                        u = keyed_uniforms(seed, [(*keys[i], start_t[i] + d, attempt) for i in range(b)])
+                        prev = self._inverse_cdf(q, u)
+                    toks[:, d] = prev.double()
+                    qs.append(q)
+            qs = torch.stack(qs, 1)
+        return self._broadcast_last(toks).long().cpu(), qs
+
+    def _verify(self, logits_BSV, n, drafts, q_BkV, t0, remaining, params, seed, keys, stop):
+        """Last stage: accept or reject each row's drafts against the model's own distribution.
+        Row i fed n[i] known tokens then its drafts[i]; the logits at fed position n[i] - 1 + d are
+        the policy's distribution for draft d. Greedy: a draft is accepted when it is the argmax.
+        Sampled, `accept="rejection"` (the standard rule, exact in distribution): accepted with
+        probability min(1, p(x) / q(x)); the first rejected position samples from max(0, p - q)
+        renormalised. `accept="coupled"`: the draft and the policy's token share the uniform plain
+        decoding uses for that index, and a draft is accepted when they agree -- the output is then
+        plain decoding's token for token. After the accepted drafts, one more token is taken from
+        the policy's distribution (plain decoding's draw). Returns a float64 box (B, 2 + 3 S):
+        committed count, accepted drafts, then tokens, log-probs, entropies (S each)."""
+        b, s = logits_BSV.shape[:2]
+        box = torch.zeros((b, 2 + 3 * s), dtype=torch.float64, device=self.device)
+        for i in range(b):
+            if n[i] is None:  # nothing to sample on this row this step (done or inside its prompt)
+                continue
+            d_n = len(drafts[i])
+            rows = logits_BSV[i, n[i] - 1 : n[i] + d_n]  # (D + 1, V)
+            logp = torch.log_softmax(rows / params.temperature, -1)
+            ent = -(logp.exp() * logp).sum(-1)
+            p = None if params.greedy else torch.softmax(self._filter(logp, params).double(), -1)
+            got, a, rejected, ended = [], 0, None, False
+
+            def u(t, attempt, i=i):
+                return keyed_uniforms(seed, [(*keys[i], t, attempt)])
+
+            for d, x in enumerate(drafts[i]):
+                self.stats["spec_proposed"][d] += 1
+                if params.greedy:
+                    ok = int(rows[d].argmax()) == x
+                elif self.accept == "coupled":
+                    target = int(self._inverse_cdf(p[d : d + 1], u(t0[i] + d, 0)))
+                    ok = target == x
+                else:
+                    ok = float(u(t0[i] + d, -2)) < min(1.0, float(p[d, x] / q_BkV[i, d, x]))
+                if not ok:
+                    rejected = d
+                    break
+                self.stats["spec_accepted"][d] += 1
+                got.append((x, float(logp[d, x]), float(ent[d])))
+                a += 1
+                if x in stop or len(got) >= remaining[i]:
+                    ended = True
+                    break
+            if not ended:
+                j, t = a, t0[i] + a
+                if params.greedy:
+                    y = int(rows[j].argmax())
+                elif rejected is not None and self.accept == "coupled":
+                    y = target
+                elif rejected is not None:
+                    resid = (p[j] - q_BkV[i, j]).clamp_min(0)
+                    y = int(self._inverse_cdf((resid if resid.sum() > 0 else p[j])[None], u(t, -3)))
+                else:
+                    y = int(self._inverse_cdf(p[j : j + 1], u(t, 0)))
+                got.append((y, float(logp[j, y]), float(ent[j])))
+            box[i, 0], box[i, 1] = len(got), a
+            for c, (x, lp, e) in enumerate(got):
+                box[i, 2 + c], box[i, 2 + s + c], box[i, 2 + 2 * s + c] = x, lp, e
+        return box
+
+    def _generate_chunk_spec(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
+        """`_generate_chunk` with MTP speculative decoding. Every step each row feeds its known
+        tokens not yet in the cache (prompt tail, or the last sampled token) followed by up to k
+        drafts, all in one forward (causal mask over cache + chunk); the verified prefix of each row
+        is committed with the log-prob and entropy of its own position (as if decoded one by one),
+        and one more token is sampled where the drafts stop (`_verify`).
+
+        The cache is shared by the batch (one length): after a step it keeps the positions every
+        unfinished row verified (the smallest count); a row that verified more re-feeds its extra
+        tokens next step, before its new drafts. Routing and Sigma_k are kept per row for the
+        positions it verified (`_by_position`), so they equal a one-by-one decode's.
+
+        Drafting (Megatron-Core's `compute_mtp_single_step`, as its dynamic engine does): depth d runs
+        MTP layer d on the single position being drafted (its attention sees that position only, not
+        a cache of earlier MTP states), from the main model's last hidden state and the previous token."""
+        t0_clock = time.perf_counter()
+        idle = not prompts
+        if idle:
+            prompts, keys, images = [[self.pad_id]], [(0,)], None
+        b, k = len(prompts), self.speculative
+        S = k + 1
+        lens = [len(p) for p in prompts]
+        lo, hi = min(lens), max(lens)
+        cache = KVCache(b, hi + params.max_new_tokens + S, all_logits=True)
+        stop = set(params.stop_ids) | {self.eos_id}
+        routing = [] if record_routing and self.replays and not idle else None
+        self._conf = [] if self.confidence and not idle else None
+        valid: list = [None]  # per forward: positions verified per row (None: all; the prefill)
+        out = [Generation(list(p), [], [], [], "length") for p in prompts]
+        done = [idle] * b
+        hidden = {}
+        hook = None
+        if self.last_stage:  # the decoder's output (S, B, H): the MTP heads' input
+            hook = self.chunks[-1].decoder.register_forward_hook(lambda m, a, o: hidden.__setitem__("h", o))
+        h_BH = torch.zeros((b, self.config.hidden_size), device=self.device)
+        has_h = [False] * b
+
+        def commit(i, tok, lp, ent):
+            g = out[i]
+            g.response_ids.append(tok)
+            g.logprobs.append(lp)
+            g.entropies.append(ent)
+            if tok in stop:
+                done[i], g.finish = True, "stop"
+            elif len(g.response_ids) >= params.max_new_tokens:
+                done[i] = True
+
+        try:
+            with self.inference():
+                prefix = torch.tensor([p[:lo] for p in prompts])
+                extra = {} if images is None else {"images": images.to(self.device)}
+                cache.ctx.config.materialize_only_last_token_logits = True  # the prefill: last only
+                logits = self.forward(cache, prefix, routing, **extra)[:, -1]
+                cache.ctx.config.materialize_only_last_token_logits = False
+                self.stats["prefill_tokens"] += b * lo
+                tok, lp, ent = self.sample(logits, params, seed, [(*keys[i], 0, 0) for i in range(b)])
+                pending = []
+                for i in range(b):
+                    if lens[i] == lo and not idle:
+                        commit(i, int(tok[i]), float(lp[i]), float(ent[i]))
+                        pending.append([int(tok[i])])
+                        has_h[i] = True
+                        if self.last_stage:
+                            h_BH[i] = hidden["h"][-1, i]
+                    else:
+                        pending.append(list(prompts[i][lo:]) or [self.pad_id])
+                while self.lockstep.any(not all(done)):  # collective on self.lockstep.group
+                    # drafts per row: up to k, within the chunk and the row's remaining budget
+                    want = [0] * b
+                    for i in range(b):
+                        room = params.max_new_tokens - len(out[i].response_ids) - 1
+                        if not done[i] and has_h[i]:
+                            want[i] = max(0, min(k, S - len(pending[i]), room))
+                    depths = self.lockstep.max(max(want))  # the same MTP calls on every rank of the group
+                    start_t = [len(g.response_ids) for g in out]
+                    last = torch.tensor([pend[-1] for pend in pending])
+                    drafts_all, q = self._draft(h_BH[None], last, start_t, params, seed, keys, depths)
+                    feed, n, drafts = [], [], []
+                    for i in range(b):
+                        pend = pending[i]
+                        if done[i]:
+                            feed.append([self.pad_id] * S)
+                            n.append(None)
+                            drafts.append([])
+                            continue
+                        n.append(None if len(pend) > S else len(pend))  # None: prompt tail only
+                        drafts.append(drafts_all[i, : want[i]].tolist())
+                        row = pend[:S] + drafts[-1]
+                        feed.append(row + [self.pad_id] * (S - len(row)))
+                    if cache.length + S > cache.max_len:  # this rank is done, another still decodes
+                        cache.truncate(cache.max_len - S)
+                    start = cache.length
+                    logits = self.forward(cache, torch.tensor(feed), routing, chunk=True)  # (B, S, V)
+                    self.stats["decode_tokens"] += b * S
+                    box = torch.zeros((b, 2 + 3 * S), dtype=torch.float64, device=self.device)
+                    if self.last_stage:
+                        t0 = [len(g.response_ids) for g in out]
+                        remaining = [params.max_new_tokens - t for t in t0]
+                        box = self._verify(logits, n, drafts, q, t0, remaining, params, seed, keys, stop)
+                    box = self._broadcast_last(box).cpu()
+                    v_B, rest = [0] * b, [None] * b
+                    for i in range(b):
+                        if done[i]:
+                            continue
+                        if n[i] is None:  # inside a prompt longer than the chunk: S prompt tokens fed
+                            v_B[i], rest[i] = S, pending[i][S:]
+                            continue
+                        c, a = int(box[i, 0]), int(box[i, 1])
+                        for j in range(c):
+                            commit(
+                                i, int(box[i, 2 + j]), float(box[i, 2 + S + j]), float(box[i, 2 + 2 * S + j])
+                            )
+                        v_B[i], rest[i] = n[i] + a, [int(box[i, 2 + c - 1])]
+                        if self.last_stage and not done[i]:
+                            h_BH[i] = hidden["h"][n[i] + a - 1, i]
+                        has_h[i] = True
+                    valid.append(v_B)
+                    live = [i for i in range(b) if not done[i]]
+                    adv = min(v_B[i] for i in live) if live else 0
+                    for i in live:
+                        pending[i] = feed[i][adv : v_B[i]] + rest[i]
+                    cache.truncate(start + adv)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if idle:
+            return []
+        self._attach_records(out, routing, cache.max_len, valid)
+        self.stats["seconds"] += time.perf_counter() - t0_clock
+        self.last_kv = {"used_bytes": cache.used_bytes(), "allocated_bytes": cache.allocated_bytes()}
+        return out
+
+    @staticmethod
+    def _by_position(records, valid, length: int, b: int) -> list[torch.Tensor]:
+        """Per-forward records (start, [tensor (S, B, ...) per router]) laid out by cache position:
+        one (length, B, ...) tensor per router, later forwards overwriting earlier ones (a truncated
+        cache re-feeds positions). `valid[f]`: forward f's number of valid positions per row (None:
+        all of them) -- what a speculative step's rejected drafts leave is never written."""
+        out = None
+        for f, (start, tensors) in enumerate(records):
+            if out is None:
+                out = [torch.zeros((length, b, *t.shape[2:]), dtype=t.dtype) for t in tensors]
+            s = tensors[0].shape[0]
+            v = valid[f] if valid is not None and f < len(valid) else None
+            for buf, t in zip(out, tensors):
+                if v is None:
+                    buf[start : start + s] = t
+                else:
+                    keep = torch.arange(s)[:, None] < torch.as_tensor(v)[None, :]  # (S, B)
+                    buf[start : start + s][keep] = t[keep]
+        return out or []
+
+    def _attach_records(self, out: list[Generation], routing, length: int, valid=None) -> None:
+        """Give each generation the routing of every position it fed and its Sigma_k sums."""
+        b = len(out)
         if routing is not None:
-            per_layer = [
-                torch.cat([step[layer] for step in routing], 0) for layer in range(len(self.replays))
-            ]
+            per_layer = self._by_position(routing, valid, length, b)
             for i, g in enumerate(out):
                 n = len(g.prompt_ids) + len(g.response_ids) - 1  # positions fed for this sequence
                 g.routing = [r[:n, i] for r in per_layer]
         if self._conf is not None:
-            per_router = [
-                torch.cat([step[j] for step in self._conf], 0) for j in range(len(self.confidence.layers))
-            ]
+            per_router = self._by_position(self._conf, valid, length, b)
             for i, g in enumerate(out):
                 p, n = len(g.prompt_ids), len(g.prompt_ids) + len(g.response_ids) - 1
                 g.confidence = [  # response positions p - 1 .. n - 1 (those the update trains on)
@@ -481,9 +795,6 @@ class Engine:
                     for layer, c in zip(self.confidence.layers, per_router)
                 ]
             self._conf = None
-        self.stats["seconds"] += time.perf_counter() - t0
-        self.last_kv = {"used_bytes": cache.used_bytes(), "allocated_bytes": cache.allocated_bytes()}
-        return out
 
 
 __all__ = [

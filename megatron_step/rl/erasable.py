@@ -117,7 +117,7 @@ class _Bucket:
         finally:
             self.cache.ctx.batch_size_offset = 0
         if rec:
-            for call in rec:  # per call: per layer (s', b, K)
+            for _, call in rec:  # per call: (start, per layer (s', b, K))
                 stacked = torch.stack(call, 0)  # (layers, s', b, K)
                 for j in range(b):
                     self.rows[a + j].routing.extend(stacked[:, :, j].unbind(1))

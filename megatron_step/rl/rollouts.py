@@ -85,6 +85,8 @@ class RolloutBatch:
     gens: list[Generation]
     adv_scale: list[list[float]] | None  # E3RL attention credit per response token (None: uniform)
     seconds: float  # generation wall time
+    # speculative decoding: drafts proposed / accepted per depth during this batch (None: off)
+    spec: tuple[list[int], list[int]] | None = None
 
 
 class RolloutSampler:
@@ -142,6 +144,8 @@ class RolloutSampler:
         keys = [(grp, i % g) for i, grp in enumerate(groups)]  # (prompt group id, sample index)
         params = dataclasses.replace(self.params, seed=mix_seed(self.seed, version))
         t0 = time.perf_counter()
+        st = self.engine.stats
+        before = (list(st.get("spec_proposed", [])), list(st.get("spec_accepted", [])))
         if self.e3rl is None:
             gens = self.engine.generate(prompts, params, keys=keys)
         else:
@@ -152,7 +156,12 @@ class RolloutSampler:
             shares = attention_shares(self.engine.model, gens)
             scales = segment_advantages([1.0] * len(gens), gens, self.e3rl.cfg, shares)
         problems = [p for p in chosen for _ in range(g)]
-        return RolloutBatch(version, group_base, problems, gens, scales, seconds)
+        spec = None
+        if getattr(self.engine, "speculative", 0):
+            spec = tuple(
+                [x - y for x, y in zip(st[k], b)] for k, b in zip(("spec_proposed", "spec_accepted"), before)
+            )
+        return RolloutBatch(version, group_base, problems, gens, scales, seconds, spec)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def _preference(self, batch: RolloutBatch, texts: list[str]) -> list[float] | None:
@@ -225,6 +234,11 @@ class RolloutSampler:
             }
         )
         stats.update(rollout_confidence([x.confidence for x in gens if x.confidence]))
+        if batch.spec is not None:  # acceptance per draft depth: accepted / proposed at that depth
+            proposed, accepted = batch.spec
+            for d, (p, a) in enumerate(zip(proposed, accepted)):
+                stats[f"spec/acceptance_{d + 1}"] = a / p if p else 0.0
+            stats["spec/tokens_per_draft_step"] = 1.0 + sum(accepted) / max(1, proposed[0])
         if self.e3rl is not None:
             stats.update(erasure_stats(gens, correct))
             self._log_erasures(batch, correct)

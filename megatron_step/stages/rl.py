@@ -49,7 +49,7 @@ from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
 from megatron_step.rl.critic import Critic
-from megatron_step.rl.engine import Engine
+from megatron_step.rl.engine import Engine, unwrap_chunks
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.policy import PolicyUpdate, build_reference
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
@@ -254,6 +254,15 @@ def _check_layout(cfg: RLRunConfig) -> None:
         )
 
 
+def _frozen_copy(model: StepFlashConfig, cfg: RLRunConfig, chunks):
+    """This rank's last model chunk, rebuilt and loaded with the current weights, never updated: the
+    drafter of `rl.speculative.refresh_drafter=false` (MTP heads that miss every weight sync)."""
+    copy = unwrap_chunks(build_step_flash(model, cfg.parallel))[-1]
+    copy.load_state_dict(unwrap_chunks(chunks)[-1].state_dict())
+    copy.requires_grad_(False)
+    return copy
+
+
 def train_rl(cfg: RLRunConfig) -> dict:
     """Run the RL stage per `cfg`; returns {"accuracy": [(step, greedy held-out accuracy)],
     "accuracy_sampled", "reward": [(step, mean reward)], "staleness" (per trained group),
@@ -269,7 +278,16 @@ def train_rl(cfg: RLRunConfig) -> dict:
     checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
     # every (virtual) stage of this rank
     conf = r.routing_confidence
-    engine = Engine(chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad, routing_confidence=conf)
+    spec = r.speculative
+    engine = Engine(
+        chunks,
+        eos_id=tokenizer.eos,
+        pad_id=tokenizer.pad,
+        routing_confidence=conf,
+        speculative=spec.tokens,
+        accept=spec.accept,
+        drafter=None if spec.refresh_drafter or not spec.tokens else _frozen_copy(model, cfg, chunks),
+    )
     reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)
     runner = RewardRunner(reward, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
     pref = (

@@ -170,3 +170,122 @@ def truncate_and_continue(rank, world_size):
         "used_bytes_18": cache.used_bytes(),
         "bytes_per_position": cache.bytes_per_position(),
     }
+
+
+# -- MTP speculative decoding -----------------------------------------------------------------------
+SPEC_PROMPT_LENS = (5, 12, 9, 5, 7, 16)  # the 16-token prompt's tail is longer than a verify chunk
+
+
+def spec_vs_plain(rank, world_size, new_tokens=20):
+    """Plain decoding, then speculative decoding (MTP-3 drafts) of the same prompts: greedy and
+    `accept="coupled"` sampling are token-identical to plain decoding, with their log-probs and
+    routing; `accept="rejection"` sampling gives log-probs equal to a training forward's (routing
+    replayed)."""
+    cfg, model = _model(seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, cfg.vocab_size, (n,), generator=g).tolist() for n in SPEC_PROMPT_LENS]
+    plain = Engine(model, eos_id=3)
+    out = {}
+    for name, accept, params in (
+        ("greedy", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True)),
+        ("coupled", "coupled", SamplingParams(max_new_tokens=new_tokens, seed=5, top_k=50)),
+        ("rejection", "rejection", SamplingParams(max_new_tokens=new_tokens, seed=5)),
+    ):
+        spec = Engine(model, eos_id=3, speculative=3, accept=accept)
+        want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        same = [a.response_ids == b.response_ids for a, b in zip(want, got)]
+        lp = [abs(x - y) for a, b in zip(want, got) if a.response_ids == b.response_ids
+              for x, y in zip(a.logprobs, b.logprobs)]  # fmt: skip
+        routing = all(
+            torch.equal(x, y)
+            for a, b in zip(want, got) if a.response_ids == b.response_ids
+            for x, y in zip(a.routing, b.routing)
+        )  # fmt: skip
+        items, batch, logp = replay_logp(model, got)
+        m = batch["mask"].bool()
+        out[name] = {
+            "same": same,
+            "max_logprob_diff": max(lp, default=0.0),
+            "routing_equal": routing,
+            "forward_logp_diff": (logp[m] - batch["rollout_logp"][m]).abs().max().item(),
+            "proposed": spec.stats["spec_proposed"],
+            "accepted": spec.stats["spec_accepted"],
+            "forwards": (spec.stats["forwards"], plain.stats["forwards"]),
+            "lens": [len(x.response_ids) for x in got],
+        }
+        plain.stats["forwards"] = 0
+    return out
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]:
+    """Pearson's chi-square of `counts` against `probs` (bins with an expected count below 5 merged
+    into one) and its p-value (upper regularised gamma)."""
+    n = counts.sum()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(exp) - 1
+    return stat, float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)))
+
+
+def spec_distribution(rank, world_size, rows=3000):
+    """The standard rejection rule samples the policy's own distribution. A 16-token vocabulary and a
+    sharpened output layer (so the drafts' distribution q differs clearly from the policy's p):
+    3000 rollouts of one prompt, 4 tokens each (drafts at depths 1 and 2 in the first step). Among
+    those whose first token is the most common one, the second token (the first the drafts decide)
+    is tested against p and against q; the third, among the most common (first, second) pair,
+    against p."""
+    from megatron.core.inference.utils import InferenceMode
+
+    platform.setup(ParallelConfig(), seed=4)
+    cfg = dataclasses.replace(tiny(), vocab_size=16)
+    model = build_step_flash(cfg, ParallelConfig())
+    with torch.no_grad():
+        model.output_layer.weight.mul_(6.0)
+    prompt = [5, 9, 2, 14]
+    engine = Engine(model, eos_id=-1, speculative=3)
+    gens = engine.generate(
+        [prompt] * rows, SamplingParams(max_new_tokens=4, seed=21), record_routing=False,
+        keys=[(i,) for i in range(rows)],
+    )  # fmt: skip
+    toks = torch.tensor([g.response_ids for g in gens])  # (rows, 3)
+    m1 = int(toks[:, 0].mode().values)
+    pair = toks[toks[:, 0] == m1][:, :2]
+    m2 = int(pair[:, 1].mode().values)
+    model.eval()
+    hidden = {}
+    hook = model.decoder.register_forward_hook(lambda mod, a, o: hidden.__setitem__("h", o))
+    with torch.no_grad():
+        ctx = [prompt + [m1], prompt + [m1, m2]]
+        p2, p3 = (torch.softmax(model(torch.tensor([c]), torch.arange(len(c))[None], None).float()[0, -1], -1)
+                  for c in ctx)  # fmt: skip
+        model(torch.tensor([prompt]), torch.arange(len(prompt))[None], None)
+        with InferenceMode.active():
+            _, q_logits = model.compute_mtp_single_step(
+                hidden_states=hidden["h"][-1:], next_token_ids=torch.tensor([[m1]]),
+                position_ids=torch.tensor([[0]]), depth=0,
+            )  # fmt: skip
+        q2 = torch.softmax(q_logits[0, 0].float(), -1)
+    hook.remove()
+    second = torch.bincount(pair[:, 1], minlength=16)
+    third = torch.bincount(toks[(toks[:, 0] == m1) & (toks[:, 1] == m2)][:, 2], minlength=16)
+    return {
+        "second_vs_p": _chi2(second, p2),
+        "second_vs_q": _chi2(second, q2),
+        "third_vs_p": _chi2(third, p3),
+        "n_second": int(second.sum()),
+        "n_third": int(third.sum()),
+        "tv_p_q": float((p2 - q2).abs().sum() / 2),
+        "proposed": engine.stats["spec_proposed"],
+        "accepted": engine.stats["spec_accepted"],
+    }
+
+
+def spec_bad_depth(rank, world_size):
+    """More drafts than the model has MTP depths: a clear error naming the field."""
+    _, model = _model()
+    Engine(model, eos_id=3, speculative=4)

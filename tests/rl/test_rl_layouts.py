@@ -149,11 +149,14 @@ def _reference_model(parallel_kw, weights: str) -> list:
 def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None, mbs=2):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
     weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
-    kind: plain | e3rl (erasable rollouts) | macro (plain rollouts, MACRO in the layer-wise optimizer)
-    | kl (plain rollouts, a KL term to a frozen reference model, rl.loss.kl_coef = 0.5)."""
+    kind: plain | spec (plain rollouts by MTP speculative decoding) | e3rl (erasable rollouts)
+    | macro (plain rollouts, MACRO in the layer-wise optimizer) | kl (plain rollouts, a KL term to
+    a frozen reference model, rl.loss.kl_coef = 0.5)."""
     optim = "macro" if kind == "macro" else "adam"
     chunks, opt, sched = _build(parallel_kw, weights, save, optim, model_cfg)
-    engine = Engine(chunks, eos_id=EOS, routing_confidence="share")
+    # spec: MTP speculative decoding (3 drafts), coupled acceptance -- plain decoding's tokens
+    spec = {"speculative": 3, "accept": "coupled"} if kind == "spec" else {}
+    engine = Engine(chunks, eos_id=EOS, routing_confidence="share", **spec)
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     prompts = _prompts(_model_cfg().vocab_size)
     per = len(prompts) // dp
@@ -281,6 +284,22 @@ def test_rollouts_and_one_update_match_one_process(name, reference, tmp_path):
     assert len(conf) == m.num_layers - m.first_k_dense and all(0 < v <= 1 for v in conf.values()), conf
     for k, v in conf.items():
         assert got["metrics"][k] == pytest.approx(v, rel=1e-5), k
+    _same_weights(reference, "plain", str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["ep2", "pp2_vpp2_uneven", pytest.param("tp2_sp", marks=pytest.mark.slow)])
+def test_speculative_rollouts_match_one_process(name, reference, tmp_path):
+    """MTP speculative decoding under EP (lockstep across DP ranks), interleaved PP (drafts on the
+    last stage, broadcast; verification's results broadcast) and TP: greedy and coupled sampling give
+    one process's plain-decoding rollouts, and the update the same loss and weights."""
+    kw, world = LAYOUTS[name]
+    want = reference["plain"]["res"]
+    got = run_distributed(rollouts_and_update, world, kw, reference["weights"], str(tmp_path), False, "spec")[
+        0
+    ]
+    _same_rollouts(got, want, "greedy")
+    _same_rollouts(got, want, "sampled")
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"]))
     _same_weights(reference, "plain", str(tmp_path))
 
 
