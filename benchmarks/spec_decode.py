@@ -95,7 +95,9 @@ def main(argv=None) -> None:
                         "same_as_plain": m["first"] == plain["first"],
                     })  # fmt: skip
                     ratio = rows[-1]["ratio"]
-                    print(f"B={b} {mode} k={k}: {m['tokens_per_s']:.0f} tok/s ({ratio:.2f}x plain)", flush=True)
+                    print(
+                        f"B={b} {mode} k={k}: {m['tokens_per_s']:.0f} tok/s ({ratio:.2f}x plain)", flush=True
+                    )
     finally:
         platform.teardown()
     print(f"\ncheckpoint {args.ckpt} (step {step}); {args.threads} thread(s); max_new_tokens "
