@@ -226,7 +226,7 @@ class _Rollout:
         rec = [] if self.record else None
         logits = self.engine.forward(self.cache, torch.tensor([tokens]), rec)
         if rec:
-            for call in rec:  # per call: per layer (s, 1, K)
+            for _, call in rec:  # per call: (start, per layer (s, 1, K))
                 self.routing.extend(torch.stack(call, 0)[:, :, 0].unbind(1))
         return logits[0, -1]
 

@@ -578,52 +578,66 @@ class Engine:
         committed count, accepted drafts, then tokens, log-probs, entropies (S each)."""
         b, s = logits_BSV.shape[:2]
         box = torch.zeros((b, 2 + 3 * s), dtype=torch.float64, device=self.device)
-        for i in range(b):
-            if n[i] is None:  # nothing to sample on this row this step (done or inside its prompt)
-                continue
-            d_n = len(drafts[i])
-            rows = logits_BSV[i, n[i] - 1 : n[i] + d_n]  # (D + 1, V)
-            logp = torch.log_softmax(rows / params.temperature, -1)
-            ent = -(logp.exp() * logp).sum(-1)
-            p = None if params.greedy else torch.softmax(self._filter(logp, params).double(), -1)
+        live = [i for i in range(b) if n[i] is not None]  # rows that sample this step
+        if not live:
+            return box
+        # every (row, j) the row may need: j = 0 .. D (its drafts, then one more), at fed position
+        # n - 1 + j; computed for all of them at once, then walked row by row
+        pairs = [(i, j) for i in live for j in range(len(drafts[i]) + 1)]
+        rows_i = torch.tensor([i for i, _ in pairs])
+        rows_p = torch.tensor([n[i] - 1 + j for i, j in pairs])
+        logits = logits_BSV[rows_i, rows_p]  # (N, V)
+        logp = torch.log_softmax(logits / params.temperature, -1)
+        ent = -(logp.exp() * logp).sum(-1)
+        at = {pair: k for k, pair in enumerate(pairs)}
+        if params.greedy:
+            best = logits.argmax(-1).tolist()
+        else:
+            p = torch.softmax(self._filter(logp, params).double(), -1)  # (N, V)
+            # plain decoding's draw at each (row, j): the coupled target, and the token after the drafts
+            plain = self._inverse_cdf(p, keyed_uniforms(seed, [(*keys[i], t0[i] + j, 0) for i, j in pairs]))
+            plain = plain.tolist()
+            if self.accept == "rejection":
+                u_acc = keyed_uniforms(seed, [(*keys[i], t0[i] + j, -2) for i, j in pairs]).tolist()
+                x_of = torch.tensor([drafts[i][j] if j < len(drafts[i]) else 0 for i, j in pairs])
+                qi = torch.tensor([min(j, max(len(drafts[i]) - 1, 0)) for i, j in pairs])
+                p_x = p.gather(1, x_of[:, None].to(p.device)).squeeze(1)
+                q_x = q_BkV[rows_i, qi, x_of] if q_BkV is not None else torch.ones_like(p_x)
+                ratio = (p_x / q_x.to(p_x.device).clamp_min(1e-300)).tolist()
+        for i in live:
             got, a, rejected, ended = [], 0, None, False
-
-            def u(t, attempt, i=i):
-                return keyed_uniforms(seed, [(*keys[i], t, attempt)])
-
             for d, x in enumerate(drafts[i]):
+                k = at[(i, d)]
                 self.stats["spec_proposed"][d] += 1
                 if params.greedy:
-                    ok = int(rows[d].argmax()) == x
+                    ok = best[k] == x
                 elif self.accept == "coupled":
-                    target = int(self._inverse_cdf(p[d : d + 1], u(t0[i] + d, 0)))
-                    ok = target == x
+                    ok = plain[k] == x
                 else:
-                    ok = float(u(t0[i] + d, -2)) < min(1.0, float(p[d, x] / q_BkV[i, d, x]))
+                    ok = u_acc[k] < min(1.0, ratio[k])
                 if not ok:
                     rejected = d
                     break
                 self.stats["spec_accepted"][d] += 1
-                got.append((x, float(logp[d, x]), float(ent[d])))
+                got.append((x, k))
                 a += 1
                 if x in stop or len(got) >= remaining[i]:
                     ended = True
                     break
             if not ended:
-                j, t = a, t0[i] + a
+                k = at[(i, a)]
                 if params.greedy:
-                    y = int(rows[j].argmax())
-                elif rejected is not None and self.accept == "coupled":
-                    y = target
-                elif rejected is not None:
-                    resid = (p[j] - q_BkV[i, j]).clamp_min(0)
-                    y = int(self._inverse_cdf((resid if resid.sum() > 0 else p[j])[None], u(t, -3)))
-                else:
-                    y = int(self._inverse_cdf(p[j : j + 1], u(t, 0)))
-                got.append((y, float(logp[j, y]), float(ent[j])))
+                    y = best[k]
+                elif rejected is not None and self.accept == "rejection":
+                    resid = (p[k] - q_BkV[i, a].to(p.device)).clamp_min(0)
+                    u = keyed_uniforms(seed, [(*keys[i], t0[i] + a, -3)])
+                    y = int(self._inverse_cdf((resid if resid.sum() > 0 else p[k])[None], u))
+                else:  # coupled (rejected or not), or every draft kept: plain decoding's draw
+                    y = plain[k]
+                got.append((y, k))
             box[i, 0], box[i, 1] = len(got), a
-            for c, (x, lp, e) in enumerate(got):
-                box[i, 2 + c], box[i, 2 + s + c], box[i, 2 + 2 * s + c] = x, lp, e
+            for c, (x, k) in enumerate(got):
+                box[i, 2 + c], box[i, 2 + s + c], box[i, 2 + 2 * s + c] = x, logp[k, x], ent[k]
         return box
 
     def _generate_chunk_spec(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
