@@ -30,6 +30,10 @@ class SpeculativeConfig:
     # a frozen copy of the starting heads -- a rollout engine whose drafter is never re-synced, to
     # measure what that costs (docs/benchmarks.md); not for training runs
     refresh_drafter: bool = True
+    # each MTP depth drafts over its own KV cache of the sequence, as the heads were trained (ours);
+    # False: every depth on its single position, Megatron-Core's `compute_mtp_single_step` (what its
+    # dynamic engine does; cheaper per draft, far lower acceptance: docs/benchmarks.md)
+    mtp_cache: bool = True
 
     def __post_init__(self):
         if self.tokens < 0:

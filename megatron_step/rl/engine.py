@@ -212,6 +212,7 @@ class Engine:
         speculative: int = 0,
         accept: str = "rejection",
         drafter=None,
+        mtp_cache: bool = True,
     ):
         self.chunks = unwrap_chunks(model)
         self.model = self.chunks[0]  # its config is the model's; `inference()` switches every chunk
@@ -241,6 +242,9 @@ class Engine:
         # with the MTP heads of `drafter` (default: this model's own last chunk, so a weight update
         # of the policy is a drafter refresh), verify them in one forward
         self.speculative, self.accept = int(speculative), accept
+        # depth 0 drafts over the MTP layer's own KV cache (ours; `_mtp_cached`), else every depth
+        # runs on its single position (Megatron-Core's `compute_mtp_single_step`)
+        self.mtp_cache = bool(mtp_cache)
         if self.speculative:
             depth = self.config.mtp_num_layers or 0
             if not self.has_mtp and self.last_stage:
@@ -530,20 +534,32 @@ class Engine:
         )
         return box
 
+    def _draft_token(self, logits_BV, params, seed, keys, start_t, d):
+        """Draft depth d's token per row from its logits (B, V) and its filtered probabilities:
+        greedy argmax, or by inverse CDF -- coupled: plain decoding's uniform for that response
+        index; rejection: a stream of its own (attempt -1)."""
+        b = logits_BV.shape[0]
+        logp = torch.log_softmax(logits_BV.float() / params.temperature, -1)
+        q = torch.softmax(self._filter(logp, params).double(), -1)
+        if params.greedy:
+            return logits_BV.argmax(-1), q
+        attempt = 0 if self.accept == "coupled" else -1
+        u = keyed_uniforms(seed, [(*keys[i], start_t[i] + d, attempt) for i in range(b)])
+        return self._inverse_cdf(q, u), q
+
     def _draft(self, hidden_1BH, last_BL, start_t, params, seed, keys, depths):
-        """`depths` (<= self.speculative) draft tokens per row from the MTP heads, Megatron-Core's
-        `compute_mtp_single_step`: depth d takes depth d-1's hidden state (the main model's for
-        d = 0) and the embedding of the token before the one it predicts. `start_t[i]`: the response
-        index the first draft would take (its keyed uniform). Returns tokens (B, k) on every stage
-        and their filtered sampling probabilities (B, k, V) (last stage; None elsewhere).
-        Every rank of the lockstep group calls this at every step with the same `depths` (MTP layers
-        may hold collectives)."""
+        """`depths` (<= self.speculative) draft tokens per row, every depth on its single position
+        (`mtp_cache=False`): depth d maps depth d-1's hidden state (the main model's for d = 0) and
+        the embedding of the token before the one it predicts to its own hidden state and logits --
+        Megatron-Core's `compute_mtp_single_step`, the call its dynamic engine makes. `start_t[i]`:
+        the response index the first draft would take. Returns tokens (B, k) on every stage and their
+        filtered sampling probabilities (B, k, V) (last stage; None elsewhere). Every rank of the
+        lockstep group calls this at every step with the same `depths` (MTP layers may hold
+        collectives)."""
         b, k = last_BL.shape[0], depths
-        if k == 0:
-            return torch.zeros((b, 0), dtype=torch.long), None
         toks = torch.zeros((b, k), dtype=torch.float64, device=self.device)
         qs = None
-        if self.last_stage:
+        if self.last_stage and k:
             h, prev, qs = hidden_1BH, last_BL.to(self.device), []
             with sequence_parallel_off([self.drafter]):
                 for d in range(k):
@@ -551,19 +567,95 @@ class Engine:
                         hidden_states=h, next_token_ids=prev[:, None],
                         position_ids=torch.zeros_like(prev)[:, None], depth=d,
                     )  # fmt: skip
-                    logits = logits[0].float()  # (B, V)
-                    logp = torch.log_softmax(logits / params.temperature, -1)
-                    q = torch.softmax(self._filter(logp, params).double(), -1)
-                    if params.greedy:
-                        prev = logits.argmax(-1)
-                    else:  # coupled: plain decoding's uniform for that index; rejection: its own stream
-                        attempt = 0 if self.accept == "coupled" else -1
-                        u = keyed_uniforms(seed, [(*keys[i], start_t[i] + d, attempt) for i in range(b)])
-                        prev = self._inverse_cdf(q, u)
+                    prev, q = self._draft_token(logits[0], params, seed, keys, start_t, d)
                     toks[:, d] = prev.double()
                     qs.append(q)
             qs = torch.stack(qs, 1)
         return self._broadcast_last(toks).long().cpu(), qs
+
+    def _draft_cached(self, ctxs, h_pos, length, pending, want, seqs, start_t, params, seed, keys, depths):
+        """`depths` draft tokens per row with every MTP depth attending over its own KV cache, as in
+        training (`mtp_cache=True`, ours). Depth d at position t takes (its input hidden state at t --
+        the main model's for d = 0, depth d-1's output otherwise -- and the embedding of token
+        t + d + 1) and predicts token t + d + 2. A row's frontier T = `length` + len(pending) - 2 is
+        the position whose main hidden state produced its last known token; there depth d's input
+        token is the row's draft d (d >= 1), and its output's logits give draft d + 1.
+
+        One chunk per depth for the batch, positions [m, max T + 1): m is the caches' common length,
+        positions every depth keeps after a step -- those whose input tokens all rows have committed
+        (< `length` - (k - 1)). `seqs[i]`: row i's committed tokens by position (prompt + response).
+        Returns as `_draft`. Every rank of the lockstep group calls this with the same `depths`."""
+        b, k = len(pending), depths
+        toks = torch.zeros((b, k), dtype=torch.float64, device=self.device)
+        qs = None
+        keep = max(0, length - (self.speculative - 1))
+        if self.last_stage and k:
+            with sequence_parallel_off([self.drafter]):
+                toks, qs = self._draft_cached_stage(ctxs, h_pos, length, pending, want, seqs, start_t, params,
+                                                    seed, keys, k, keep, toks)  # fmt: skip
+        return self._broadcast_last(toks).long().cpu(), qs
+
+    def _draft_cached_stage(self, ctxs, h_pos, length, pending, want, seqs, start_t, params, seed, keys, k,
+                            keep, toks):  # fmt: skip
+        """`_draft_cached` on the last stage (sequence parallelism off)."""
+        b = len(pending)
+        m = min(min(c.sequence_len_offset for c in ctxs), keep)
+        front = [length + len(pending[i]) - 2 if want[i] else -1 for i in range(b)]
+        c = max(max(front) + 1, length, m + 1) - m  # at least one position: the call is collective
+        rows = torch.arange(b, device=self.device)
+        at = torch.tensor([max(f - m, 0) for f in front], device=self.device)
+        ext = [list(x) for x in seqs]  # + each depth's draft
+        hidden, qs = h_pos[m : m + c], []
+        for d in range(k):
+            nxt = torch.full((b, c), self.pad_id, dtype=torch.long)
+            for i in range(b):
+                row = ext[i][m + d + 1 : m + d + 1 + c]
+                nxt[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            ctxs[d].sequence_len_offset = m
+            hidden = self._mtp_cached(ctxs[d], d, hidden, nxt)  # (c, B, H)
+            logits = self._mtp_logits(hidden[at, rows][None])[0]  # (B, V) at each row's frontier
+            tok, q = self._draft_token(logits, params, seed, keys, start_t, d)
+            for i in range(b):
+                if front[i] >= 0:
+                    ext[i].append(int(tok[i]))
+            toks[:, d] = tok.double()
+            qs.append(q)
+            ctxs[d].sequence_len_offset = keep
+        return toks, torch.stack(qs, 1)
+
+    def _mtp_logits(self, h_SBH: torch.Tensor) -> torch.Tensor:
+        """The drafter's output head on MTP hidden states, as `compute_mtp_single_step` applies it."""
+        d = self.drafter
+        weight = d.shared_embedding_or_output_weight() if d.share_embeddings_and_output_weights else None
+        logits, _ = d.output_layer(h_SBH, weight=weight, runtime_gather_output=True)
+        return d._scale_logits(logits)
+
+    def _mtp_cached(self, ctx, depth: int, hidden_CBH: torch.Tensor, next_BC: torch.Tensor) -> torch.Tensor:
+        """MTP layer `depth` over C positions [ctx length, + C) against its own KV cache `ctx` (a
+        static context per depth: MTP layers number their attention from 1, like the decoder's),
+        as in training, where the MTP layer attends over the whole sequence. Returns its hidden
+        states (C, B, H) and advances `ctx`.
+
+        Reaches into Megatron-Core 0.19.2 (pinned): `MultiTokenPredictionLayer._proj_and_transformer_layer`
+        is the training path and the one that takes an inference context (`forward_single_position`
+        passes none). The chunk gets an explicit causal mask over cache + chunk, as `forward`'s.
+        Call with sequence parallelism off (`sequence_parallel_off`)."""
+        layer, d = self.drafter.mtp.layers[depth], self.drafter
+        b, c = next_BC.shape
+        start = ctx.sequence_len_offset
+        pos = torch.arange(start, start + c, device=self.device).unsqueeze(0).expand(b, c)
+        dec = d.embedding(input_ids=next_BC.to(self.device), position_ids=pos)  # (C, B, H)
+        mask = None
+        if start > 0 and c > 1:
+            mask = torch.ones(c, start + c, dtype=torch.bool, device=self.device).triu(start + 1)
+            mask = mask[None, None].expand(b, 1, c, start + c)
+        rope = d.rotary_pos_emb(ctx.max_sequence_length) if getattr(d, "rotary_pos_emb", None) else None
+        out = layer._proj_and_transformer_layer(
+            hidden_states=hidden_CBH, decoder_input=dec, attention_mask=mask,
+            rotary_pos_emb=rope, inference_params=ctx,
+        )  # fmt: skip
+        ctx.sequence_len_offset += c
+        return out
 
     def _verify(self, logits_BSV, n, drafts, q_BkV, t0, remaining, params, seed, keys, stop):
         """Last stage: accept or reject each row's drafts against the model's own distribution.
@@ -676,6 +768,15 @@ class Engine:
             hook = self.chunks[-1].decoder.register_forward_hook(lambda m, a, o: hidden.__setitem__("h", o))
         h_BH = torch.zeros((b, self.config.hidden_size), device=self.device)
         has_h = [False] * b
+        # mtp_cache: the main model's hidden state of every verified position (last stage), the MTP
+        # layer's input; its own KV cache holds the positions whose next token every row has committed
+        cached = self.mtp_cache and self.last_stage
+        h_pos = (
+            torch.zeros((cache.max_len, b, self.config.hidden_size), device=self.device) if cached else None
+        )
+        mtp_ctx = [
+            StaticInferenceContext(max_batch_size=b, max_sequence_length=cache.max_len) for _ in range(k)
+        ] if cached else None  # fmt: skip
 
         def commit(i, tok, lp, ent):
             g = out[i]
@@ -706,6 +807,8 @@ class Engine:
                             h_BH[i] = hidden["h"][-1, i]
                     else:
                         pending.append(list(prompts[i][lo:]) or [self.pad_id])
+                if cached:
+                    h_pos[:lo] = hidden["h"]
                 while self.lockstep.any(not all(done)):  # collective on self.lockstep.group
                     # drafts per row: up to k, within the chunk and the row's remaining budget
                     want = [0] * b
@@ -716,7 +819,23 @@ class Engine:
                     depths = self.lockstep.max(max(want))  # the same MTP calls on every rank of the group
                     start_t = [len(g.response_ids) for g in out]
                     last = torch.tensor([pend[-1] for pend in pending])
-                    drafts_all, q = self._draft(h_BH[None], last, start_t, params, seed, keys, depths)
+                    if cached:
+                        seqs = [prompts[i] + out[i].response_ids for i in range(b)]
+                        drafts_all, q = self._draft_cached(
+                            mtp_ctx,
+                            h_pos,
+                            cache.length,
+                            pending,
+                            want,
+                            seqs,
+                            start_t,
+                            params,
+                            seed,
+                            keys,
+                            depths,
+                        )
+                    else:
+                        drafts_all, q = self._draft(h_BH[None], last, start_t, params, seed, keys, depths)
                     feed, n, drafts = [], [], []
                     for i in range(b):
                         pend = pending[i]
@@ -757,6 +876,9 @@ class Engine:
                             h_BH[i] = hidden["h"][n[i] + a - 1, i]
                         has_h[i] = True
                     valid.append(v_B)
+                    if cached:
+                        for i in range(b):
+                            h_pos[start : start + v_B[i], i] = hidden["h"][: v_B[i], i]
                     live = [i for i in range(b) if not done[i]]
                     adv = min(v_B[i] for i in live) if live else 0
                     for i in live:

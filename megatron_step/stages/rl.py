@@ -286,6 +286,7 @@ def train_rl(cfg: RLRunConfig) -> dict:
         routing_confidence=conf,
         speculative=spec.tokens,
         accept=spec.accept,
+        mtp_cache=spec.mtp_cache,
         drafter=None if spec.refresh_drafter or not spec.tokens else _frozen_copy(model, cfg, chunks),
     )
     reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)

@@ -186,12 +186,15 @@ def spec_vs_plain(rank, world_size, new_tokens=20):
     prompts = [torch.randint(4, cfg.vocab_size, (n,), generator=g).tolist() for n in SPEC_PROMPT_LENS]
     plain = Engine(model, eos_id=3)
     out = {}
-    for name, accept, params in (
-        ("greedy", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True)),
-        ("coupled", "coupled", SamplingParams(max_new_tokens=new_tokens, seed=5, top_k=50)),
-        ("rejection", "rejection", SamplingParams(max_new_tokens=new_tokens, seed=5)),
+    for name, accept, params, cached in (
+        ("greedy", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True), True),
+        ("coupled", "coupled", SamplingParams(max_new_tokens=new_tokens, seed=5, top_k=50), True),
+        ("rejection", "rejection", SamplingParams(max_new_tokens=new_tokens, seed=5), True),
+        # Megatron-Core's single-position MTP step in place of the MTP layers' own caches
+        ("greedy_single", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True), False),
+        ("coupled_single", "coupled", SamplingParams(max_new_tokens=new_tokens, seed=5, top_k=50), False),
     ):
-        spec = Engine(model, eos_id=3, speculative=3, accept=accept)
+        spec = Engine(model, eos_id=3, speculative=3, accept=accept, mtp_cache=cached)
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
         same = [a.response_ids == b.response_ids for a, b in zip(want, got)]
         lp = [abs(x - y) for a, b in zip(want, got) if a.response_ids == b.response_ids
@@ -247,7 +250,9 @@ def spec_distribution(rank, world_size, rows=3000):
     with torch.no_grad():
         model.output_layer.weight.mul_(6.0)
     prompt = [5, 9, 2, 14]
-    engine = Engine(model, eos_id=-1, speculative=3)
+    # single-position drafts, so that q below is exactly the drafter's distribution (the rule is the
+    # same with the MTP layers' own caches)
+    engine = Engine(model, eos_id=-1, speculative=3, mtp_cache=False)
     gens = engine.generate(
         [prompt] * rows, SamplingParams(max_new_tokens=4, seed=21), record_routing=False,
         keys=[(i,) for i in range(rows)],
@@ -289,3 +294,40 @@ def spec_bad_depth(rank, world_size):
     """More drafts than the model has MTP depths: a clear error naming the field."""
     _, model = _model()
     Engine(model, eos_id=3, speculative=4)
+
+
+def mtp_cache_vs_training(rank, world_size, length=20):
+    """The MTP layers over their own KV caches (the engine's drafter, `Engine._mtp_cached`), fed in
+    two chunks, give the training forward's MTP hidden states at every position where the tokens
+    they read exist -- the drafts are computed as the heads were trained."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.utils import InferenceMode
+
+    cfg, model = _model(seed=5)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(4, cfg.vocab_size, (2, length), generator=g)
+    grabbed = {}
+    hooks = [
+        model.decoder.register_forward_hook(lambda m, a, o: grabbed.__setitem__("main", o)),
+        model.mtp.register_forward_hook(lambda m, a, o: grabbed.__setitem__("mtp", o)),
+    ]
+    with torch.no_grad():
+        model(seq, torch.arange(length)[None].expand(2, length), None)
+    for h in hooks:
+        h.remove()
+    k = cfg.mtp_num_layers
+    want = torch.chunk(grabbed["mtp"], k + 1, dim=0)[1:]  # per depth (S, B, H)
+    engine = Engine(model, eos_id=3, speculative=k)
+    worst = []
+    with torch.no_grad(), InferenceMode.active():
+        hidden = grabbed["main"]
+        for d in range(k):
+            ctx = StaticInferenceContext(max_batch_size=2, max_sequence_length=length)
+            n = length - d - 1  # positions t whose token t + d + 1 exists
+            nxt = seq[:, d + 1 : d + 1 + n]
+            got = torch.cat([engine._mtp_cached(ctx, d, hidden[:7], nxt[:, :7]),
+                             engine._mtp_cached(ctx, d, hidden[7:n], nxt[:, 7:])], 0)  # fmt: skip
+            worst.append((got - want[d][:n]).abs().max().item())
+            hidden = got
+    return {"max_abs_diff": worst, "depths": k}

@@ -19,7 +19,7 @@ def spec_vs_plain():
     return run_distributed(_engine_bodies.spec_vs_plain, 1)[0]
 
 
-@pytest.mark.parametrize("mode", ["greedy", "coupled"])
+@pytest.mark.parametrize("mode", ["greedy", "coupled", "greedy_single", "coupled_single"])
 def test_greedy_and_coupled_speculation_equal_plain_decoding(spec_vs_plain, mode):
     out = spec_vs_plain[mode]
     assert all(out["same"]) and len(out["same"]) == 6, out
@@ -49,3 +49,8 @@ def test_rejection_rule_samples_the_policy_distribution():
 def test_speculation_needs_mtp_heads():
     with pytest.raises(DistributedTestError, match=r"(?s)ValueError: rl.speculative.tokens=4"):
         run_distributed(_engine_bodies.spec_bad_depth, 1)
+
+
+def test_cached_mtp_drafter_computes_the_training_forwards_mtp_states():
+    out = run_distributed(_engine_bodies.mtp_cache_vs_training, 1)[0]
+    assert out["depths"] == 3 and max(out["max_abs_diff"]) <= 1e-5, out
