@@ -2,15 +2,17 @@
 acceptance per depth, on a model whose MTP heads were trained (the RL demo's supervised warm-up,
 then RL with MTP on -- `python -m benchmarks.rl_compare --suite spec` writes such checkpoints).
 
-    python -m benchmarks.spec_decode --ckpt runs/rl_compare_spec/refresh-seed1234 --batches 1,16,64
+    python -m benchmarks.spec_decode --ckpt runs/rl_compare_spec/refresh-seed1234 \
+        --set data.data_dir=runs/rl_compare_spec/data --batches 1,16,64   # the suite's tokenizer
 
 Per batch size B: the first B held-out prompts of the demo task (prompts of mixed length, as in RL),
-one response each; plain decoding, then speculative decoding with k = 1, 2, 3 drafts: sampled at
-T = 1 with the rejection rule, and greedy. One process, one torch thread (`--threads`), the same
-weights and prompts; a warm-up call first. tokens/s = response tokens / wall seconds of `generate`;
-"x plain" is the ratio to plain decoding of the same mode and batch, measured in the same run.
-Acceptance at depth d = drafts accepted / drafts proposed at depth d (a depth-d draft is proposed
-only after depth d-1 was accepted, or as the first draft)."""
+one response each; plain decoding, then speculative decoding with k = 1, 2, 3 drafts, drafted by
+the MTP layers over their own KV caches ("cached", the default) and by Megatron-Core's single-position
+MTP step ("single"): sampled at T = 1 with the rejection rule, and greedy. One process, one torch
+thread (`--threads`), the same weights and prompts; a warm-up call first. tokens/s = response
+tokens / wall seconds of `generate`; "x plain" is the ratio to plain decoding of the same mode and
+batch, measured in the same run. Acceptance at depth d = drafts accepted / drafts proposed at
+depth d (a depth-d draft is proposed only after depth d-1 was accepted, or as the first draft)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from megatron_step.training.setup import build_model_and_optimizer
 
 
 def measure(engine: Engine, prompts, params: SamplingParams, repeats: int) -> dict:
-    """Median-free and simple: total response tokens / total seconds over `repeats` calls."""
+    """Total response tokens / total seconds over `repeats` calls (keys differ per call), the
+    acceptance counters over them, and the first call's responses (greedy: compared with plain)."""
     engine.generate(prompts[:1], params, record_routing=False)  # warm-up
     st = engine.stats
     st["spec_proposed"] = [0] * len(st["spec_proposed"])
@@ -85,31 +88,45 @@ def main(argv=None) -> None:
                 plain = measure(
                     Engine(model, eos_id=tok.eos, pad_id=tok.pad), prompts[:b], params, args.repeats
                 )
-                rows.append({"batch": b, "mode": mode, "k": 0, **plain, "ratio": 1.0, "same_as_plain": True})
+                rows.append(
+                    {
+                        "batch": b,
+                        "mode": mode,
+                        "k": 0,
+                        "drafter": "-",
+                        **plain,
+                        "ratio": 1.0,
+                        "same_as_plain": True,
+                    }
+                )
                 for k in (int(x) for x in args.depths.split(",")):
-                    eng = Engine(model, eos_id=tok.eos, pad_id=tok.pad, speculative=k)
-                    m = measure(eng, prompts[:b], params, args.repeats)
-                    rows.append({
-                        "batch": b, "mode": mode, "k": k, **m,
-                        "ratio": m["tokens_per_s"] / plain["tokens_per_s"],
-                        "same_as_plain": m["first"] == plain["first"],
-                    })  # fmt: skip
-                    ratio = rows[-1]["ratio"]
-                    print(
-                        f"B={b} {mode} k={k}: {m['tokens_per_s']:.0f} tok/s ({ratio:.2f}x plain)", flush=True
-                    )
+                    for drafter in ("cached", "single"):
+                        cached = drafter == "cached"
+                        eng = Engine(model, eos_id=tok.eos, pad_id=tok.pad, speculative=k, mtp_cache=cached)
+                        m = measure(eng, prompts[:b], params, args.repeats)
+                        rows.append({
+                            "batch": b, "mode": mode, "k": k, "drafter": drafter, **m,
+                            "ratio": m["tokens_per_s"] / plain["tokens_per_s"],
+                            "same_as_plain": m["first"] == plain["first"],
+                        })  # fmt: skip
+                        ratio = rows[-1]["ratio"]
+                        print(
+                            f"B={b} {mode} k={k} {drafter}: {m['tokens_per_s']:.0f} tok/s ({ratio:.2f}x)",
+                            flush=True,
+                        )
     finally:
         platform.teardown()
     print(f"\ncheckpoint {args.ckpt} (step {step}); {args.threads} thread(s); max_new_tokens "
           f"{cfg.rl.max_new_tokens}\n")  # fmt: skip
-    print("| batch | mode | drafts k | tokens/s | x plain | forwards | acceptance d=1 | d=2 | d=3 "
+    print("| batch | mode | drafts k | drafter | tokens/s | x plain | forwards | acceptance d=1 | d=2 | d=3 "
           "| greedy = plain |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         acc = (r["acceptance"] + [float("nan")] * 3)[:3]
         acc_s = " | ".join("-" if a != a else f"{a:.2f}" for a in acc)
         same = ("yes" if r["same_as_plain"] else "NO") if r["mode"] == "greedy" else "n/a"
-        print(f"| {r['batch']} | {r['mode']} | {r['k']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} | "
+        print(f"| {r['batch']} | {r['mode']} | {r['k']} | {r['drafter']} | {r['tokens_per_s']:.0f} | "
+              f"{r['ratio']:.2f} | "
               f"{r['forwards']} | {acc_s} | {same} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -133,10 +133,15 @@ class RLConfig:
     # --- MTP ----------------------------------------------------------------------------------------
     # loss weight of each MTP depth on the policy's own sampled responses (the response tokens, as
     # the policy loss), so the draft heads keep up with the policy (the report: MTP loss weight 0.1 in
-    # SFT, 0.3 then 0.1 in training); 0: the heads get no gradient (they still run in the forwards)
+    # SFT, 0.3 then 0.1 in training); 0: the heads get no gradient and the MTP block is not run
     mtp_loss_weight: float = 0.0
     # MTP speculative decoding of the rollouts: the nested rl.speculative section (SpeculativeConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # optimizer steps per RL step: the step's rollouts split into this many minibatches (rollout j of
+    # group i in (group id x G + j) mod k), each one step of the policy loss, pi_old fixed before the
+    # first (the report: 4 actor / 12 critic minibatches; ours 1: the demo's 64 rollouts a step are
+    # few, and one step keeps the sync update on-policy)
+    actor_minibatches: int = 1
     # --- advantages -----------------------------------------------------------------------------------
     # "grpo": group z-scores of the rewards (no critic); "gae": actor-critic, a critic model (the
     # nested rl.critic section, megatron_step.rl.critic) and GAE per token with truncation-aware
@@ -202,6 +207,8 @@ class RLConfig:
                 f"({self.e3rl.num_segments}) = {self.e3rl.max_new_tokens} must equal rl.max_new_tokens"
                 f"({self.max_new_tokens}) (the held-out evaluation and plain rollouts use max_new_tokens)"
             )
+        if self.actor_minibatches < 1:
+            raise ValueError(f"rl.actor_minibatches={self.actor_minibatches}: must be >= 1")
         if not self.mtp_loss_weight >= 0:
             raise ValueError(f"rl.mtp_loss_weight={self.mtp_loss_weight}: must be >= 0")
         if self.routing_confidence not in ("share", "sum", "off"):

@@ -155,6 +155,39 @@ def set_replay(model, routing: list[torch.Tensor] | None) -> None:
         r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
 
+@contextlib.contextmanager
+def mtp_skipped(chunks, skip: bool = True):
+    """Forwards of `chunks` (DDP-wrapped or not) without their MTP block: for log-prob passes, which
+    read only the main head, and for training forwards when the MTP depths get no loss
+    (rl.mtp_loss_weight = 0) -- their parameters then get no gradient. About a quarter of the tiny
+    preset's forward (3 MTP layers and 3 output-head products beside 8 decoder layers).
+
+    Reaches into Megatron-Core 0.19.2 (pinned): `GPTModel._postprocess` runs the MTP block when
+    `self.mtp_process` and processes its loss when `config.mtp_num_layers`, both read at call time;
+    the schedule sets the MTP loss scale only when `config.mtp_num_layers` is not None. The final
+    layer norm's stage is fixed at build time, so clearing both for the forward changes nothing
+    else. Not thread-safe: the config object is shared by the model's modules (async RL's replica
+    is a separate model with its own config and no MTP)."""
+    mods = [getattr(c, "module", c) for c in (chunks if isinstance(chunks, (list, tuple)) else [chunks])]
+    mods = [m for m in mods if getattr(m, "config", None) is not None and m.config.mtp_num_layers]
+    if not skip or not mods:
+        yield
+        return
+    saved = [(m, m.mtp_process) for m in mods]
+    configs = {id(m.config): (m.config, m.config.mtp_num_layers) for m in mods}
+    try:
+        for m in mods:
+            m.mtp_process = False
+        for cfg, _ in configs.values():
+            cfg.mtp_num_layers = None
+        yield
+    finally:
+        for m, flag in saved:
+            m.mtp_process = flag
+        for cfg, n in configs.values():
+            cfg.mtp_num_layers = n
+
+
 def model_output(model, batch: dict) -> torch.Tensor:
     """The forward of one chunk on a packed batch, routing replayed when the batch carries it: the
     per-token CE (B, S) of the labels on the last pipeline stage, hidden states elsewhere."""
@@ -191,7 +224,8 @@ def record_old_logp(model, rollouts: list[Rollout], micro_batch_size: int, repla
             }
             for r in part
         ]
-        logp = token_logp(model, to_device(pack(items, replay=replay))).cpu()
+        with mtp_skipped(model):
+            logp = token_logp(model, to_device(pack(items, replay=replay))).cpu()
         for j, r in enumerate(part):
             p = len(r.prompt_ids)
             r.old_logp = logp[j, p - 1 : p - 1 + len(r.response_ids)].tolist()
@@ -264,7 +298,11 @@ class PolicyUpdate:
         replay=True,
         reference=None,
         routing_confidence: str = "off",
+        minibatches: int = 1,
     ):
+        if minibatches < 1:
+            raise ValueError(f"rl.actor_minibatches={minibatches}: must be >= 1")
+        self.minibatches = minibatches
         if loss.kl_coef > 0 and reference is None:
             raise ValueError(
                 f"rl.loss.kl_coef={loss.kl_coef} needs a reference model (PolicyUpdate(reference=...); "
@@ -343,58 +381,82 @@ class PolicyUpdate:
             # segment-level credit (E3RL attention rule): the sequence advantage times a per-token scale
             return [float(adv[i, j]) * x for x in r.adv_scale]
 
-        items = [
-            {
-                "prompt_ids": r.prompt_ids,
-                "response_ids": r.response_ids,
-                "rollout_logp": r.rollout_logp,
-                "old_logp": r.old_logp,
-                "advantage": advantage(i, j, r),
-                "routing": r.routing,
-                "image": r.image,
-            }
-            for i, grp in enumerate(groups)
-            for j, r in enumerate(grp)
-            if not r.reward_failed  # a failed reward scores 0 in its group's statistics but is not trained on
-        ]
-        micro, n = self.batches.build(items)
-        self.padded += sum(bool(b.get("padding")) for b in micro)
-        self._normalize(micro, n)
+        k, g = self.minibatches, max((len(grp) for grp in groups), default=1)
+        parts: list[list[dict]] = [[] for _ in range(k)]
+        for i, grp in enumerate(groups):
+            for j, r in enumerate(grp):
+                if r.reward_failed:  # scores 0 in its group's statistics but is not trained on
+                    continue
+                item = {
+                    "prompt_ids": r.prompt_ids,
+                    "response_ids": r.response_ids,
+                    "rollout_logp": r.rollout_logp,
+                    "old_logp": r.old_logp,
+                    "advantage": advantage(i, j, r),
+                    "routing": r.routing,
+                    "image": r.image,
+                }
+                # k > 1: rollout j of group i in minibatch (group id x G + j) mod k, in every DP layout
+                parts[(r.group * g + j) % k if k > 1 else 0].append(item)
+        if k > 1:  # minibatches empty on every rank are skipped (collective: the DP group)
+            parts = [p for p, c in zip(parts, dp_sum([float(len(p)) for p in parts])) if c > 0]
+        steps = []
+        for items in parts:
+            micro, n = self.batches.build(items)
+            self.padded += sum(bool(b.get("padding")) for b in micro)
+            self._normalize(micro, n)
+            steps.append((micro, n, self._step_units))
         t0 = time.perf_counter()
-        shape = self.batches.shape(micro)
-        # pi_prox: the trainer's current weights; it is pi_old too where the rollouts carry none
-        # (sync: they were sampled with these weights)
+        # pi_prox: the trainer's weights before the step's first minibatch; it is pi_old too where the
+        # rollouts carry none (sync: they were sampled with these weights)
         self.confidence.reset()
-        _store_logp(self.chunks, micro, "prox_logp", shape, confidence=self.confidence or None)
-        for b in micro:
-            if "prox_logp" in b and "old_logp" not in b:  # the last pipeline stage: where the loss runs
-                b["old_logp"] = b["prox_logp"]
-        if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
-            _store_logp(self.reference, micro, "ref_logp", shape)
-        if self.train_mtp:  # the MTP loss on the response tokens (Megatron-Core's MTP block adds it)
+        for micro, _, _ in steps:
+            shape = self.batches.shape(micro)
+            _store_logp(self.chunks, micro, "prox_logp", shape, confidence=self.confidence or None)
             for b in micro:
-                b["mtp_loss_mask"] = b["mask"]
-        MTPLossLoggingHelper.clean_metrics_in_tracker()  # the log-prob passes above ran MTP too
-        result = train_step(
-            self.chunks, self.optimizer, self.scheduler, micro, forward_step=self.forward_step, **shape
-        )
-        mtp = self._mtp_metrics(sum(not b.get("padding") for b in micro))
-        self.skipped += not result.update_successful
+                if "prox_logp" in b and "old_logp" not in b:  # the last pipeline stage: where the loss runs
+                    b["old_logp"] = b["prox_logp"]
+            if self.reference is not None:  # pi_ref: the frozen reference model, the same schedule
+                _store_logp(self.reference, micro, "ref_logp", shape)
+            if self.train_mtp:  # the MTP loss on the response tokens (Megatron-Core's MTP block adds it)
+                for b in micro:
+                    b["mtp_loss_mask"] = b["mask"]
+        per_step, grad_norms = [], []
+        for micro, n, units in steps:  # one optimizer step per minibatch
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+            with mtp_skipped(self.chunks, skip=not self.train_mtp):  # weight 0: MTP is not run at all
+                result = train_step(
+                    self.chunks,
+                    self.optimizer,
+                    self.scheduler,
+                    micro,
+                    forward_step=self.forward_step,
+                    **self.batches.shape(micro),
+                )
+            mtp = self._mtp_metrics(sum(not b.get("padding") for b in micro))
+            self.skipped += not result.update_successful
+            self._step_units = units
+            # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
+            per_step.append(from_last_stage({**self._step_metrics(micro, result, n), **mtp}))
+            grad_norms.append(float(result.grad_norm or 0.0))
         dt = time.perf_counter() - t0
-        # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
-        metrics = from_last_stage({**self._step_metrics(micro, result, n), **mtp})
+        metrics = (
+            {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]} if per_step else {}
+        )
         if self.confidence:  # collective: DP (and TP under SP) groups; other stages' layers: end of step
             sp = self.chunks[0].module.config.sequence_parallel
             metrics.update(self.confidence.reduced(sp, "confidence_train"))
-        n_tok = sum(float(b["mask"].sum()) for b in micro)
+        n_tok = sum(float(b["mask"].sum()) for micro, _, _ in steps for b in micro)
         metrics.update(
             {
-                "train/grad_norm": float(result.grad_norm or 0.0),
+                "train/grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
                 "train/tokens_per_sec": n_tok / dt,
                 "train/skipped_iterations": float(self.skipped),
                 "policy/padding_microbatches": float(self.padded),
             }
         )
+        if k > 1:
+            metrics["policy/minibatches"] = float(len(steps))
         return metrics
 
 
@@ -484,7 +546,8 @@ def _store_logp(chunks, micro: list[dict], key: str, shape: dict, confidence=Non
     """batch[key] = log-probs of `chunks` on each microbatch (forward only, Megatron-Core's schedule),
     masked; set on the last pipeline stage, where the loss reads them. `confidence`: see _logp_step."""
     step = functools.partial(_logp_step, confidence=confidence) if confidence else _logp_step
-    got = forward_backward(chunks, micro, forward_step=step, forward_only=True, **shape)
+    with mtp_skipped(chunks):  # only the main head's log-probs are read
+        got = forward_backward(chunks, micro, forward_step=step, forward_only=True, **shape)
     for b, m in zip(micro, got):
         b[key] = m["logp"] * b["mask"]
 

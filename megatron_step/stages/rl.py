@@ -274,7 +274,10 @@ def train_rl(cfg: RLRunConfig) -> dict:
     init_from = warm_start(cfg, task, tokenizer)
     env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
     model = rl_model_config(cfg)
-    chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
+    # the LR schedule runs over every optimizer step: RL steps x actor minibatches
+    chunks, optimizer, scheduler = build_model_and_optimizer(
+        model, cfg.parallel, cfg.optim, t.steps * r.actor_minibatches
+    )
     checkpoint.load_model_weights(init_from, chunks, optimizer=optimizer)
     # every (virtual) stage of this rank
     conf = r.routing_confidence
@@ -309,6 +312,7 @@ def train_rl(cfg: RLRunConfig) -> dict:
         replay=r.routing_replay,
         reference=reference,
         routing_confidence=r.routing_confidence,
+        minibatches=r.actor_minibatches,
     )
     critic = None
     if r.advantage == "gae":  # the critic: same architecture and layout, its own optimizer

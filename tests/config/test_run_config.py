@@ -75,6 +75,7 @@ def test_yaml_values_are_coerced_like_overrides(tmp_path):
         ("rl.rollout=erase", "rl.rollout='erase': one of plain, e3rl"),
         ("rl.speculative.accept=maybe", "rl.speculative.accept='maybe': one of rejection, coupled"),
         ("rl.speculative.tokens=-1", r"rl.speculative.tokens=-1: must be >= 0"),
+        ("rl.actor_minibatches=0", r"rl.actor_minibatches=0: must be >= 1"),
         ("rl.speculative.tokens=2 rl.async_mode=true", "the async replica has no MTP heads"),
         ("rl.speculative.tokens=2 rl.rollout=e3rl", "erasable rollouts decode token by token"),
         ("rl.rollout=e3rl rl.e3rl.num_segments=3", r"= 24 must equal rl.max_new_tokens\(40\)"),

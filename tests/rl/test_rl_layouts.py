@@ -149,7 +149,8 @@ def _reference_model(parallel_kw, weights: str) -> list:
 def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind, model_cfg=None, mbs=2):
     """Rollouts of this DP rank's share of the prompts, then one MIS-PO update on them; the final
     weights go to `out`. Returns the rollouts of all ranks in global order, and the update's loss.
-    kind: plain | spec (plain rollouts by MTP speculative decoding) | e3rl (erasable rollouts)
+    kind: plain | spec (plain rollouts by MTP speculative decoding) | minibatches (plain rollouts,
+    GRPO loss, 2 actor minibatches: 2 optimizer steps) | e3rl (erasable rollouts)
     | macro (plain rollouts, MACRO in the layer-wise optimizer) | kl (plain rollouts, a KL term to
     a frozen reference model, rl.loss.kl_coef = 0.5)."""
     optim = "macro" if kind == "macro" else "adam"
@@ -187,12 +188,23 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         ]
         for k in range(0, len(rows), G)
     ]
-    loss_cfg = PolicyLossConfig("mispo", kl_coef=0.5 if kind == "kl" else 0.0)
+    loss_cfg = PolicyLossConfig(
+        "grpo" if kind == "minibatches" else "mispo", kl_coef=0.5 if kind == "kl" else 0.0
+    )
     reference = _reference_model(parallel_kw, weights) if kind == "kl" else None
     update = PolicyUpdate(
-        chunks, opt, sched, loss_cfg, micro_batch_size=mbs, reference=reference, routing_confidence="share"
-    )
+        chunks, opt, sched, loss_cfg, micro_batch_size=mbs, reference=reference, routing_confidence="share",
+        minibatches=2 if kind == "minibatches" else 1,
+    )  # fmt: skip
+    calls = [0, 0]  # forwards of the MTP block, and of its model chunk, during the update
+    hooks = []
+    for c in chunks:
+        if getattr(c.module, "mtp_process", False):
+            hooks.append(c.module.mtp.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)))
+            hooks.append(c.module.register_forward_hook(lambda *a: calls.__setitem__(1, calls[1] + 1)))
     metrics = update(groups)
+    for h in hooks:
+        h.remove()
     metrics.update(rollout_confidence([g.confidence for g in gens if g.confidence]))
     _save([c.module for c in chunks], out)
     summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
@@ -201,6 +213,9 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         "greedy": _dp_gather([(x.response_ids, x.logprobs) for x in greedy]),
         "loss": dp_mean(metrics)["policy/loss"],
         "metrics": merge_stages(dp_mean(metrics)),
+        "mtp_calls": calls[0],  # MTP block forwards / model forwards of its chunk during the update
+        "mtp_chunk_calls": calls[1],
+        "optimizer_steps": sched.num_steps,
     }
 
 
@@ -303,6 +318,22 @@ def test_speculative_rollouts_match_one_process(name, reference, tmp_path):
     _same_weights(reference, "plain", str(tmp_path))
 
 
+@pytest.mark.parametrize("kw", [{}, {"pp": 2}], ids=["dp2", "pp2"])
+def test_actor_minibatches_update_as_one_process(kw, reference, tmp_path):
+    """rl.actor_minibatches = 2: the step's rollouts split into 2 minibatches by (group x G + j) mod 2,
+    one optimizer step each with pi_old fixed before the first -- the second minibatch's PPO ratio
+    moves off 1 (the first's is 1: sync rollouts); DP2 / PP2 give one process's weights and loss."""
+    w, ref_out, out = reference["weights"], str(tmp_path / "ref"), str(tmp_path / "got")
+    (want,) = run_distributed(rollouts_and_update, 1, {}, w, ref_out, False, "minibatches")
+    got = next(r for r in run_distributed(rollouts_and_update, 2, kw, w, out, False, "minibatches") if r)
+    assert want["optimizer_steps"] == 2 and want["metrics"]["policy/minibatches"] == 2
+    # the mean over the 2 minibatches of the PPO ratio's token mean: (1 + r2) / 2 with r2 != 1
+    assert abs(want["metrics"]["policy/ppo_ratio_mean"] - 1.0) > 1e-5, want["metrics"]
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"]))
+    ref = {"weights": w, "minibatches": {"out": ref_out}}
+    _same_weights(ref, "minibatches", out)
+
+
 def test_pp2_without_mtp_matches_one_process(tmp_path):
     """A model without MTP modules under PP = 2 (the last stage holds only decoder layers and the head)."""
     cfg = dataclasses.replace(_model_cfg(), mtp_num_layers=0, mtp_loss_weights=[])
@@ -336,11 +367,15 @@ def test_mtp_trained_in_rl_updates_as_one_process(kw, tmp_path):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5), key
     ref = {"weights": w, "plain": {"out": ref_out}}
     _same_weights(ref, "plain", out, model_cfg=cfg)
-    run_distributed(rollouts_and_update, 1, {}, w, zero_out, False, "plain", _mtp_cfg(0.0))
+    (zero_res,) = run_distributed(rollouts_and_update, 1, {}, w, zero_out, False, "plain", _mtp_cfg(0.0))
     init, trained, zero = run_distributed(full_weights, 1, [w, ref_out, zero_out], cfg)[0]
     mtp_keys = [k for k in init if k.startswith("mtp.")]
     assert mtp_keys and any(not torch.equal(trained[k], init[k]) for k in mtp_keys)
     assert all(torch.equal(zero[k], init[k]) for k in mtp_keys)  # weight 0: the heads stay
+    # MTP runs in the training forward only (the pi_prox pass reads the main head): half the forwards
+    # of its chunk; with weight 0 not at all (rl.policy.mtp_skipped)
+    assert want["mtp_chunk_calls"] > 0 and 2 * want["mtp_calls"] == want["mtp_chunk_calls"], want
+    assert zero_res["mtp_calls"] == 0 and zero_res["mtp_chunk_calls"] == want["mtp_chunk_calls"], zero_res
 
 
 def test_the_rl_stage_builds_its_model_with_the_mtp_weight():
