@@ -64,6 +64,7 @@ class _Row:
     regenerated: int = 0
     prefix_reused: int = 0
     routing: list[torch.Tensor] = field(default_factory=list)  # per fed position: (layers, K)
+    conf: list[torch.Tensor] = field(default_factory=list)  # per fed position: Sigma_k per MoE router
     logits: torch.Tensor | None = None  # next-token logits
     boundary: torch.Tensor | None = None  # logits that predicted the current segment's first token
     u: float = 0.0  # U of the current segment
@@ -89,6 +90,7 @@ class _Bucket:
         self.align = align  # cache position where segment 0 starts (>= every prompt's length)
         self.cache = KVCache(len(rows), align + self.cfg.max_new_tokens)
         self.record = record and bool(engine.replays)
+        self.measure = record and bool(engine.confidence)  # Sigma_k (rl.routing_confidence)
         self.stop = set(params.stop_ids) | {engine.eos_id}
         self.rows_moved = 0
         self.step = engine.lockstep  # every loop exit below is agreed on its group (rl.lockstep)
@@ -112,15 +114,22 @@ class _Bucket:
         rec = [] if self.record else None
         b, s = tokens_bS.shape
         self.cache.ctx.batch_size_offset = a
+        if self.measure:
+            self.engine._conf = []  # the engine's per-call Sigma_k rows
         try:
             logits = self.engine.forward(self.cache, tokens_bS, rec)
         finally:
             self.cache.ctx.batch_size_offset = 0
+            conf, self.engine._conf = self.engine._conf, None
         if rec:
             for _, call in rec:  # per call: (start, per layer (s', b, K))
                 stacked = torch.stack(call, 0)  # (layers, s', b, K)
                 for j in range(b):
                     self.rows[a + j].routing.extend(stacked[:, :, j].unbind(1))
+        for _, per_router in conf or []:  # per call: (start, per router (s', b))
+            stacked = torch.stack(per_router, -1)  # (s', b, routers)
+            for j in range(b):
+                self.rows[a + j].conf.extend(stacked[:, j].unbind(0))
         return logits
 
     def prefill(self) -> None:
@@ -249,7 +258,7 @@ class _Bucket:
                     r.regenerated += len(r.resp) - s
                     r.prefix_reused += start_pos
                     del r.resp[s:], r.logp[s:], r.ent[s:]
-                    del r.routing[start_pos:]
+                    del r.routing[start_pos:], r.conf[start_pos:]
                     r.done, r.finish = False, "length"
                     r.erasures += 1
                     r.logits = r.boundary.clone()
@@ -326,6 +335,13 @@ def generate_erasable(
             n = len(r.prompt) + len(r.resp) - 1
             stacked = torch.stack(r.routing[:n], 0)  # (n, layers, K)
             g.routing = list(stacked.transpose(0, 1).contiguous().unbind(0))
+        if r.conf:  # Sigma_k over the response positions p - 1 .. n - 1, as Engine.generate
+            p, n = len(r.prompt), len(r.prompt) + len(r.resp) - 1
+            c = torch.stack(r.conf[:n], 0)  # (n, routers)
+            g.confidence = [
+                (layer, float(c[p - 1 : n, k].sum()), float(n - p + 1))
+                for k, layer in enumerate(engine.confidence.layers)
+            ]
         out.append(g)
     engine.stats["seconds"] += time.perf_counter() - t0
     engine.last_kv = {

@@ -31,15 +31,29 @@ def test_sigma_k_by_hand():
         RouterConfidence([], "mass")
 
 
-def engine_vs_training(rank, world_size):
-    """Sampled rollouts with Sigma_k recorded by the engine; for each rollout alone, the training
+def engine_vs_training(rank, world_size, mode="plain"):
+    """Sampled rollouts with Sigma_k recorded by the engine (mode: plain decoding, MTP speculative
+    decoding, or E3RL erasable rollouts with erasures); for each rollout alone, the training
     forward's Sigma_k over its response positions (routing replayed); and a hand computation of
     one router's values from its weight and the experts routing replay recorded."""
+    from megatron_step.rl.config import E3RLConfig
+    from megatron_step.rl.erasable import generate_erasable
+    from megatron_step.rl.erasure_policy import E3RLPolicy
+
     platform.setup(ParallelConfig(), seed=SEED)
     chunks, _, _ = build_model_and_optimizer(_model_cfg(), ParallelConfig(), _optim(), 1)
-    engine = Engine(chunks, eos_id=EOS, routing_confidence="share")
+    spec = {"speculative": 3} if mode == "spec" else {}
+    engine = Engine(chunks, eos_id=EOS, routing_confidence="share", **spec)
     prompts = _prompts(_model_cfg().vocab_size)[:4]
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8, seed=3), keys=[(i,) for i in range(4)])
+    keys = [(i,) for i in range(4)]
+    if mode == "e3rl":  # threshold 0 std: segments above their group's mean are erased
+        ecfg = E3RLConfig(segment_len=4, num_segments=3, threshold_std=0.0, max_erasures=2)
+        gens = generate_erasable(
+            engine, prompts, [0, 0, 1, 1], SamplingParams(seed=3), E3RLPolicy(ecfg), keys=keys
+        )
+        assert sum(g.info["erasures"] for g in gens) > 0
+    else:
+        gens = engine.generate(prompts, SamplingParams(max_new_tokens=8, seed=3), keys=keys)
     model = chunks[0].module
     conf = RouterConfidence(chunks, "share")
     training = []
@@ -72,8 +86,9 @@ def engine_vs_training(rank, world_size):
     return [g.confidence for g in gens], training, conf.rows[0].tolist(), by_hand.tolist()
 
 
-def test_engine_and_training_forward_measure_the_same_positions():
-    ((rollout, training, hook, by_hand),) = run_distributed(engine_vs_training, 1)
+@pytest.mark.parametrize("mode", ["plain", "spec", "e3rl"])
+def test_engine_and_training_forward_measure_the_same_positions(mode):
+    ((rollout, training, hook, by_hand),) = run_distributed(engine_vs_training, 1, mode)
     assert hook == pytest.approx(by_hand, abs=1e-6)
     assert max(by_hand) - min(by_hand) > 1e-3  # values vary by position: a shift would show
     for g, t in zip(rollout, training):
