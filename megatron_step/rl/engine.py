@@ -38,6 +38,14 @@ and broadcasts (token, log-prob, entropy) to the pipeline group (`Engine.sample`
 holds the same tokens and takes the same loop exits; routing is recorded per stage for the MoE layers
 it owns (the update replays it on the same stage).
 
+MTP speculative decoding (`Engine(speculative=k)`, `_generate_chunk_spec`; docs/design.md §5.2):
+each step drafts up to k tokens per row with the MTP heads (each depth over its own KV cache, as
+trained; or Megatron-Core's single-position step), verifies them in one forward of the main model
+(an explicit causal mask over cache + chunk), keeps the verified prefix by the standard rejection
+rule (greedy: exact match; or `accept="coupled"`: plain decoding's tokens) and samples one more;
+log-probs, entropies, routing and Sigma_k are those of each verified position, as if decoded one by
+one. Drafts and verification run on the last pipeline stage and are broadcast to the pipeline group.
+
 Log-probabilities: of the token under softmax(logits / temperature), before top-k / top-p
 truncation -- the policy the trainer models is the temperature-scaled one (use temperature 1.0 for
 RL so that it is the trainer's own π). Shapes: B sequences, S positions, V vocabulary, K top-k.
@@ -666,10 +674,10 @@ class Engine:
         renormalised. `accept="coupled"`: the draft and the policy's token share the uniform plain
         decoding uses for that index, and a draft is accepted when they agree -- the output is then
         plain decoding's token for token. After the accepted drafts, one more token is taken from
-        the policy's distribution (plain decoding's draw). Returns a float64 box (B, 2 + 3 S):
-        committed count, accepted drafts, then tokens, log-probs, entropies (S each)."""
+        the policy's distribution (plain decoding's draw). Returns a float64 box (B, 3 + 3 S):
+        committed count, accepted drafts, drafts checked, then tokens, log-probs, entropies (S each)."""
         b, s = logits_BSV.shape[:2]
-        box = torch.zeros((b, 2 + 3 * s), dtype=torch.float64, device=self.device)
+        box = torch.zeros((b, 3 + 3 * s), dtype=torch.float64, device=self.device)
         live = [i for i in range(b) if n[i] is not None]  # rows that sample this step
         if not live:
             return box
@@ -698,9 +706,10 @@ class Engine:
                 ratio = (p_x / q_x.to(p_x.device).clamp_min(1e-300)).tolist()
         for i in live:
             got, a, rejected, ended = [], 0, None, False
+            checked = 0
             for d, x in enumerate(drafts[i]):
                 k = at[(i, d)]
-                self.stats["spec_proposed"][d] += 1
+                checked += 1
                 if params.greedy:
                     ok = best[k] == x
                 elif self.accept == "coupled":
@@ -710,7 +719,6 @@ class Engine:
                 if not ok:
                     rejected = d
                     break
-                self.stats["spec_accepted"][d] += 1
                 got.append((x, k))
                 a += 1
                 if x in stop or len(got) >= remaining[i]:
@@ -727,9 +735,9 @@ class Engine:
                 else:  # coupled (rejected or not), or every draft kept: plain decoding's draw
                     y = plain[k]
                 got.append((y, k))
-            box[i, 0], box[i, 1] = len(got), a
+            box[i, 0], box[i, 1], box[i, 2] = len(got), a, checked
             for c, (x, k) in enumerate(got):
-                box[i, 2 + c], box[i, 2 + s + c], box[i, 2 + 2 * s + c] = x, logp[k, x], ent[k]
+                box[i, 3 + c], box[i, 3 + s + c], box[i, 3 + 2 * s + c] = x, logp[k, x], ent[k]
         return box
 
     def _generate_chunk_spec(self, prompts, params, seed, keys, record_routing, images) -> list[Generation]:
@@ -853,7 +861,7 @@ class Engine:
                     start = cache.length
                     logits = self.forward(cache, torch.tensor(feed), routing, chunk=True)  # (B, S, V)
                     self.stats["decode_tokens"] += b * S
-                    box = torch.zeros((b, 2 + 3 * S), dtype=torch.float64, device=self.device)
+                    box = torch.zeros((b, 3 + 3 * S), dtype=torch.float64, device=self.device)
                     if self.last_stage:
                         t0 = [len(g.response_ids) for g in out]
                         remaining = [params.max_new_tokens - t for t in t0]
@@ -866,12 +874,15 @@ class Engine:
                         if n[i] is None:  # inside a prompt longer than the chunk: S prompt tokens fed
                             v_B[i], rest[i] = S, pending[i][S:]
                             continue
-                        c, a = int(box[i, 0]), int(box[i, 1])
+                        c, a, checked = int(box[i, 0]), int(box[i, 1]), int(box[i, 2])
+                        for d in range(checked):  # on every stage: the counters are the box's
+                            self.stats["spec_proposed"][d] += 1
+                            self.stats["spec_accepted"][d] += d < a
                         for j in range(c):
                             commit(
-                                i, int(box[i, 2 + j]), float(box[i, 2 + S + j]), float(box[i, 2 + 2 * S + j])
+                                i, int(box[i, 3 + j]), float(box[i, 3 + S + j]), float(box[i, 3 + 2 * S + j])
                             )
-                        v_B[i], rest[i] = n[i] + a, [int(box[i, 2 + c - 1])]
+                        v_B[i], rest[i] = n[i] + a, [int(box[i, 3 + c - 1])]
                         if self.last_stage and not done[i]:
                             h_BH[i] = hidden["h"][n[i] + a - 1, i]
                         has_h[i] = True

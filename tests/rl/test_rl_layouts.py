@@ -216,6 +216,7 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         "mtp_calls": calls[0],  # MTP block forwards / model forwards of its chunk during the update
         "mtp_chunk_calls": calls[1],
         "optimizer_steps": sched.num_steps,
+        "spec": (engine.stats["spec_proposed"], engine.stats["spec_accepted"]),  # this rank's counters
     }
 
 
@@ -309,9 +310,11 @@ def test_speculative_rollouts_match_one_process(name, reference, tmp_path):
     one process's plain-decoding rollouts, and the update the same loss and weights."""
     kw, world = LAYOUTS[name]
     want = reference["plain"]["res"]
-    got = run_distributed(rollouts_and_update, world, kw, reference["weights"], str(tmp_path), False, "spec")[
-        0
-    ]
+    (got, *_) = run_distributed(
+        rollouts_and_update, world, kw, reference["weights"], str(tmp_path), False, "spec"
+    )
+    proposed, accepted = got["spec"]  # rank 0 (the first pipeline stage under PP) counts them too
+    assert proposed[0] > 0 and len(proposed) == 3 and all(0 <= a <= p for a, p in zip(accepted, proposed))
     _same_rollouts(got, want, "greedy")
     _same_rollouts(got, want, "sampled")
     assert abs(got["loss"] - want["loss"]) <= 1e-5 * max(1.0, abs(want["loss"]))
