@@ -66,6 +66,7 @@ from megatron.core.inference.communication_utils import (
 )
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
@@ -264,6 +265,18 @@ class Engine:
             if accept not in ("rejection", "coupled"):
                 raise ValueError(f"rl.speculative.accept={accept!r}: one of rejection, coupled")
         self.drafter = unwrap_chunks(drafter)[-1] if drafter is not None else self.chunks[-1]
+        # a chunk fed into a non-empty cache gets an explicit causal mask, which Megatron-Core's local
+        # core attention applies (its softmax takes the mask; window layers build theirs). Other core
+        # attentions (Transformer Engine's fused kernels) drop it once the static cache is past the
+        # prefill (mask type no_mask), so there verification and MTP catch-up go one position per
+        # call: the same numbers, more forwards
+        self.masked_chunks = all(
+            type(m) is DotProductAttention
+            for c in [*self.chunks, self.drafter]
+            for m in c.modules()
+            if hasattr(m, "core_attention") and m.core_attention is not None
+            for m in [m.core_attention]
+        )
         self.stats["spec_proposed"] = [0] * max(self.speculative, 0)
         self.stats["spec_accepted"] = [0] * max(self.speculative, 0)
         self.stats["forwards"] = 0
@@ -296,7 +309,7 @@ class Engine:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {cache.length + s}")
         mask = None
         if cache.length > 0 and s > 1:
-            if not chunk:
+            if not chunk or not self.masked_chunks:
                 return torch.cat(
                     [self.forward(cache, tokens_BS[:, i : i + 1], routing, **model_kwargs) for i in range(s)],
                     1,
@@ -651,6 +664,14 @@ class Engine:
         layer, d = self.drafter.mtp.layers[depth], self.drafter
         b, c = next_BC.shape
         start = ctx.sequence_len_offset
+        if start > 0 and c > 1 and not self.masked_chunks:  # see masked_chunks in __init__
+            return torch.cat(
+                [
+                    self._mtp_cached(ctx, depth, hidden_CBH[j : j + 1], next_BC[:, j : j + 1])
+                    for j in range(c)
+                ],
+                0,
+            )
         pos = torch.arange(start, start + c, device=self.device).unsqueeze(0).expand(b, c)
         dec = d.embedding(input_ids=next_BC.to(self.device), position_ids=pos)  # (C, B, H)
         mask = None
@@ -767,13 +788,14 @@ class Engine:
         stop = set(params.stop_ids) | {self.eos_id}
         routing = [] if record_routing and self.replays and not idle else None
         self._conf = [] if self.confidence and not idle else None
-        valid: list = [None]  # per forward: positions verified per row (None: all; the prefill)
+        valid: list = [None]  # per model call: positions verified per row (None: all; the prefill)
+        records = routing if routing is not None else self._conf  # one entry per model call
         out = [Generation(list(p), [], [], [], "length") for p in prompts]
         done = [idle] * b
-        hidden = {}
+        parts: list[torch.Tensor] = []  # the decoder's outputs of the model calls of one forward
         hook = None
         if self.last_stage:  # the decoder's output (S, B, H): the MTP heads' input
-            hook = self.chunks[-1].decoder.register_forward_hook(lambda m, a, o: hidden.__setitem__("h", o))
+            hook = self.chunks[-1].decoder.register_forward_hook(lambda m, a, o: parts.append(o))
         h_BH = torch.zeros((b, self.config.hidden_size), device=self.device)
         has_h = [False] * b
         # mtp_cache: the main model's hidden state of every verified position (last stage), the MTP
@@ -812,11 +834,11 @@ class Engine:
                         pending.append([int(tok[i])])
                         has_h[i] = True
                         if self.last_stage:
-                            h_BH[i] = hidden["h"][-1, i]
+                            h_BH[i] = parts[-1][-1, i]
                     else:
                         pending.append(list(prompts[i][lo:]) or [self.pad_id])
                 if cached:
-                    h_pos[:lo] = hidden["h"]
+                    h_pos[:lo] = parts[-1]
                 while self.lockstep.any(not all(done)):  # collective on self.lockstep.group
                     # drafts per row: up to k, within the chunk and the row's remaining budget
                     want = [0] * b
@@ -859,7 +881,10 @@ class Engine:
                     if cache.length + S > cache.max_len:  # this rank is done, another still decodes
                         cache.truncate(cache.max_len - S)
                     start = cache.length
+                    parts.clear()
+                    calls = len(records) if records is not None else 0
                     logits = self.forward(cache, torch.tensor(feed), routing, chunk=True)  # (B, S, V)
+                    hidden = torch.cat(parts, 0) if parts else None  # (S, B, H), last stage
                     self.stats["decode_tokens"] += b * S
                     box = torch.zeros((b, 3 + 3 * S), dtype=torch.float64, device=self.device)
                     if self.last_stage:
@@ -884,12 +909,14 @@ class Engine:
                             )
                         v_B[i], rest[i] = n[i] + a, [int(box[i, 3 + c - 1])]
                         if self.last_stage and not done[i]:
-                            h_BH[i] = hidden["h"][n[i] + a - 1, i]
+                            h_BH[i] = hidden[n[i] + a - 1, i]
                         has_h[i] = True
-                    valid.append(v_B)
+                    for call_start, call in (records or [])[calls:]:  # one call, or one per position
+                        width = call[0].shape[0]
+                        valid.append([max(0, min(width, v - (call_start - start))) for v in v_B])
                     if cached:
                         for i in range(b):
-                            h_pos[start : start + v_B[i], i] = hidden["h"][: v_B[i], i]
+                            h_pos[start : start + v_B[i], i] = hidden[: v_B[i], i]
                     live = [i for i in range(b) if not done[i]]
                     adv = min(v_B[i] for i in live) if live else 0
                     for i in live:

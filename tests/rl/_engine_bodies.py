@@ -193,8 +193,12 @@ def spec_vs_plain(rank, world_size, new_tokens=20):
         # Megatron-Core's single-position MTP step in place of the MTP layers' own caches
         ("greedy_single", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True), False),
         ("coupled_single", "coupled", SamplingParams(max_new_tokens=new_tokens, seed=5, top_k=50), False),
+        # chunks one position per call, as under core attentions that drop an explicit mask
+        ("greedy_unmasked", "rejection", SamplingParams(max_new_tokens=new_tokens, greedy=True), True),
     ):
         spec = Engine(model, eos_id=3, speculative=3, accept=accept, mtp_cache=cached)
+        assert spec.masked_chunks  # the local core attention (CPU)
+        spec.masked_chunks = name != "greedy_unmasked"
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
         same = [a.response_ids == b.response_ids for a, b in zip(want, got)]
         lp = [abs(x - y) for a, b in zip(want, got) if a.response_ids == b.response_ids

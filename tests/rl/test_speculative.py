@@ -19,7 +19,7 @@ def spec_vs_plain():
     return run_distributed(_engine_bodies.spec_vs_plain, 1)[0]
 
 
-@pytest.mark.parametrize("mode", ["greedy", "coupled", "greedy_single", "coupled_single"])
+@pytest.mark.parametrize("mode", ["greedy", "coupled", "greedy_single", "coupled_single", "greedy_unmasked"])
 def test_greedy_and_coupled_speculation_equal_plain_decoding(spec_vs_plain, mode):
     out = spec_vs_plain[mode]
     assert all(out["same"]) and len(out["same"]) == 6, out
