@@ -773,9 +773,8 @@ class Engine:
         tokens next step, before its new drafts. Routing and Sigma_k are kept per row for the
         positions it verified (`_by_position`), so they equal a one-by-one decode's.
 
-        Drafting (Megatron-Core's `compute_mtp_single_step`, as its dynamic engine does): depth d runs
-        MTP layer d on the single position being drafted (its attention sees that position only, not
-        a cache of earlier MTP states), from the main model's last hidden state and the previous token."""
+        Drafting: `_draft_cached` (default: each MTP depth over its own KV cache, as trained) or
+        `_draft` (Megatron-Core's `compute_mtp_single_step`, the MTP layer on one position)."""
         t0_clock = time.perf_counter()
         idle = not prompts
         if idle:
