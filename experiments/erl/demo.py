@@ -10,9 +10,9 @@
    rl_tiny.yaml sets it (vocab 2048), without MTP modules (RL trains next-token log-probs only, and
    the warm-up is faster without them).
 2. Supervised warm-up as the RL stage does it (megatron_step.stages.rl.warm_start) -- the repo's
-   Megatron-Core pretraining loop (`pretrain`)
-   on a dataset of gold trajectories (`lookup.solution_segments`), loss on the model-written tokens
-   only (tool results are masked, as ERL's `sampled_mask` marks them). The checkpoint lands in
+   Megatron-Core pretraining loop (`pretrain`) on the gold trajectories of `LookupTask`
+   (`rl.sft.SFTDataset` over `lookup.solution_segments`), loss on the model-written tokens only
+   (tool results are masked, as ERL's `sampled_mask` marks them). The checkpoint lands in
    --run-dir/sft and is reused by a later run (pass another --run-dir to train afresh).
 3. Generation on every held-out question (--samples rollouts each, temperature 1, the RL policy):
    ERL with max_rollbacks=0 (plain tool-using decoding) and ERL with the default config, step and
@@ -36,54 +36,24 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 
 import torch  # noqa: E402
 
-from experiments.erl.erl import ERLConfig, erl_stats, generate_erl  # noqa: E402
-from experiments.erl.lookup import (  # noqa: E402
+from megatron_step import platform  # noqa: E402
+from megatron_step.config.run import RLRunConfig, load_run_config  # noqa: E402
+from megatron_step.data.pipeline import run_tokenizer  # noqa: E402
+from megatron_step.rl.engine import Engine, SamplingParams  # noqa: E402
+from megatron_step.rl.erl import ERLConfig, erl_stats, generate_erl  # noqa: E402
+from megatron_step.rl.lookup import (  # noqa: E402
+    LookupConfig,
+    LookupTask,
     SearchTool,
     lookup_problems,
     lookup_reward,
     make_world,
     prompt_text,
-    solution_segments,
 )
-from megatron_step import platform  # noqa: E402
-from megatron_step.config.run import RLRunConfig, load_run_config  # noqa: E402
-from megatron_step.data.pipeline import run_tokenizer  # noqa: E402
-from megatron_step.rl.engine import Engine, SamplingParams  # noqa: E402
+from megatron_step.rl.sft import SFTDataset  # noqa: E402
 from megatron_step.stages.pretrain import pretrain  # noqa: E402
 from megatron_step.training import checkpoint  # noqa: E402
 from megatron_step.training.setup import build_model_and_optimizer  # noqa: E402
-
-
-class TrajectoryDataset(torch.utils.data.Dataset):
-    """Gold lookup trajectories, one per sample, padded to seq_length. Each piece is tokenized on its
-    own, as a rollout produces it; labels of the prompt and of tool results get no loss."""
-
-    def __init__(self, tok, problems, seq_length: int):
-        self.items = []
-        for p in problems:
-            ids = [tok.bos] + tok.encode(prompt_text(p))
-            learn = [False] * len(ids)
-            for text, forced in solution_segments(p):
-                piece = tok.encode(text)
-                ids += piece
-                learn += [not forced] * len(piece)
-            ids.append(tok.eos)
-            learn.append(True)
-            if len(ids) > seq_length + 1:
-                raise ValueError(f"a trajectory has {len(ids)} tokens; raise --seq-length({seq_length})")
-            n = len(ids) - 1
-            tokens = torch.full((seq_length,), tok.pad, dtype=torch.long)
-            labels = torch.full((seq_length,), tok.pad, dtype=torch.long)
-            tokens[:n], labels[:n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
-            mask = torch.zeros(seq_length)
-            mask[:n] = torch.tensor(learn[1:], dtype=torch.float)  # label i is ids[i + 1]
-            self.items.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 def run_config(args):
@@ -120,7 +90,8 @@ def warm_up(cfg, tok, world, args) -> dict:
     sft.optim = dataclasses.replace(cfg.optim, lr=args.lr, min_lr=args.lr / 10, warmup_steps=20)
     train = lookup_problems(world, args.sft_steps * gbs, seed=args.seed + 17)
     valid = lookup_problems(world, gbs, seed=args.seed, split="heldout")
-    ds = (TrajectoryDataset(tok, train, args.seq_length), TrajectoryDataset(tok, valid, args.seq_length))
+    task = LookupTask(LookupConfig(world_seed=args.seed))  # its gold pieces, tool results outside the loss
+    ds = (SFTDataset(tok, task, train, args.seq_length), SFTDataset(tok, task, valid, args.seq_length))
     t0 = time.perf_counter()
     out = pretrain(sft, datasets=ds)
     return {"seconds": time.perf_counter() - t0, "losses": out["losses"], "val": out["val_loss"]}

@@ -48,10 +48,13 @@ class Rollout:
     # the response was cut at rl.max_new_tokens without EOS: the episode did not end (the critic
     # bootstraps from the value of its last state, megatron_step.rl.critic)
     truncated: bool = False
+    # per response token, 1 where the policy sampled it, 0 where a tool wrote it (ERL's tool results):
+    # 0s are teacher-forced context, outside the loss; None: every token was sampled
+    sampled_mask: list[int] | None = None
     info: dict = field(default_factory=dict)  # what the trainer does not read: correctness, entropy, ...
 
     def __post_init__(self):
-        for name in ("rollout_logp", "adv_scale", "old_logp"):
+        for name in ("rollout_logp", "adv_scale", "old_logp", "sampled_mask"):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.response_ids):
                 raise ValueError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_step.rl.critic import CriticConfig
+from megatron_step.rl.erl import ERLConfig
+from megatron_step.rl.lookup import LookupConfig
 from megatron_step.rl.losses import PolicyLossConfig
 
 
@@ -111,6 +113,9 @@ class RLConfig:
     task_min_steps: int = 1
     task_max_steps: int = 2
     task_max_operand: int = 5  # the tiny model learns operands <= 5 well enough for RL to climb
+    # "lookup": multi-hop questions answered through a search tool (megatron_step.rl.lookup); its
+    # rollouts are tool rollouts (rl.rollout plain: no rollback, erl: step-level rollbacks)
+    lookup: LookupConfig = field(default_factory=LookupConfig)  # override as rl.lookup.<field>=value
     eval_problems: int = 128  # held-out split, greedy decoding
     # + this many sampled responses per held-out problem at the rollout temperature (0: greedy only):
     # the sampled accuracy is what RL optimises, and 4 x 128 samples halve the noise of 128 greedy
@@ -162,9 +167,12 @@ class RLConfig:
     reward_model: str | None = None
     preference_weight: float = 0.5
     length_penalty: float = 0.1
-    # --- erasable rollouts (megatron_step.rl.erasable) ---------------------------------------------
-    rollout: str = "plain"  # plain | e3rl
+    # --- erasable rollouts (megatron_step.rl.erasable, megatron_step.rl.erl) ------------------------
+    # plain | e3rl (segment erasure, tasks without a tool) | erl (step-level rollbacks of tool rollouts,
+    # a task with a tool: rl.task=lookup)
+    rollout: str = "plain"
     e3rl: E3RLConfig = field(default_factory=E3RLConfig)  # override as rl.e3rl.<field>=value
+    erl: ERLConfig = field(default_factory=ERLConfig)  # override as rl.erl.<field>=value
     # stop once this rank has sampled this many tokens (erased ones included; 0: run train.steps):
     # compares rollout schemes at an equal sampling budget
     max_tokens_sampled: int = 0
@@ -199,8 +207,13 @@ class RLConfig:
                 f"rl.exact_staleness=true with rl.max_ahead={self.max_ahead} > rl.max_staleness="
                 f"{self.max_staleness}: every batch would be dropped as stale while the trainer waits for it"
             )
-        if self.rollout not in ("plain", "e3rl"):
-            raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl")
+        if self.rollout not in ("plain", "e3rl", "erl"):
+            raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl, erl")
+        if self.rollout == "erl" and self.task == "arithmetic":
+            raise ValueError(
+                f"rl.rollout=erl with rl.task={self.task!r}: ERL rolls back tool-calling steps; it needs "
+                "a task with a tool (rl.task=lookup, or a task of yours with `tool()`)"
+            )
         if self.rollout == "e3rl" and self.e3rl.max_new_tokens != self.max_new_tokens:
             raise ValueError(
                 f"rl.rollout=e3rl: rl.e3rl.segment_len({self.e3rl.segment_len}) * rl.e3rl.num_segments"
@@ -217,6 +230,12 @@ class RLConfig:
             raise ValueError(f"rl.advantage={self.advantage!r}: one of grpo, gae")
         if not 0.0 < self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"rl.gamma={self.gamma}, rl.lam={self.lam}: need 0 < gamma <= 1, 0 <= lam <= 1")
+        if self.task == "lookup" and (self.advantage == "gae" or self.rollout == "e3rl"):
+            raise ValueError(
+                f"rl.task=lookup with rl.advantage={self.advantage}, rl.rollout={self.rollout}: tool "
+                "rollouts train with GRPO (the critic does not skip tool-result tokens yet) and roll back "
+                "whole steps (rl.rollout=plain or erl)"
+            )
         if self.advantage == "gae" and self.rollout != "plain":
             raise ValueError(
                 f"rl.advantage=gae with rl.rollout={self.rollout}: E3RL's segment credit scales GRPO's "
@@ -230,11 +249,20 @@ class RLConfig:
                 "replica has no MTP heads (Megatron-Core's InferenceMode flag is process-wide, see "
                 "megatron_step/stages/rl.py); use speculative decoding with synchronous RL"
             )
-        if self.speculative.tokens and self.rollout != "plain":
+        if self.speculative.tokens and (self.rollout != "plain" or self.task == "lookup"):
             raise ValueError(
                 f"rl.speculative.tokens={self.speculative.tokens} with rl.rollout={self.rollout}: "
-                "erasable rollouts decode token by token; use rl.rollout=plain"
+                "erasable and tool rollouts decode token by token; use rl.rollout=plain on a task "
+                "without a tool"
             )
 
 
-__all__ = ["CriticConfig", "E3RLConfig", "PolicyLossConfig", "RLConfig", "SpeculativeConfig"]
+__all__ = [
+    "CriticConfig",
+    "E3RLConfig",
+    "ERLConfig",
+    "LookupConfig",
+    "PolicyLossConfig",
+    "RLConfig",
+    "SpeculativeConfig",
+]

@@ -8,7 +8,8 @@ policy update (one optimizer step on a batch of prompt groups).
 Layout of a packed batch (B sequences, S = longest prompt + response - 1 positions):
     tokens[b, s]   = (prompt + response)[s]          input, right-padded with pad_id
     labels[b, s]   = (prompt + response)[s + 1]      next token
-    mask[b, s]     = 1 where labels[b, s] is a response token (the positions RL trains on)
+    mask[b, s]     = 1 where labels[b, s] is a response token the policy sampled (the positions RL
+                     trains on; tool-written tokens, `sampled_mask` 0, are not)
     rollout_logp, old_logp, prox_logp, (ref_logp): (B, S), aligned with labels (0 outside the mask);
                      old_logp packed from the rollouts when they carry it (async generation),
                      else, like prox_logp, the update's own forward (megatron_step.rl.losses)
@@ -64,9 +65,10 @@ def pack(
     rows: int | None = None,
 ) -> dict:
     """items: dicts with prompt_ids, response_ids, and optionally rollout_logp and old_logp (per
-    response token; old_logp on every item or none), advantage, routing (per layer (n, K) as
-    Generation.routing). Returns the batch described above,
-    S rounded up to a multiple of `multiple_of` (sequence parallelism splits S over the TP ranks).
+    response token; old_logp on every item or none), sampled_mask (per response token, 0: written by
+    a tool, outside `mask`), advantage, routing (per layer (n, K) as Generation.routing). Returns
+    the batch described above, S rounded up to a multiple of `multiple_of` (sequence parallelism
+    splits S over the TP ranks).
     `length` / `rows`: pad S and B up to these (fixed microbatch shapes for the pipeline schedule);
     padding rows have an empty mask and advantage 0, so they train nothing."""
     seqs = [list(it["prompt_ids"]) + list(it["response_ids"]) for it in items]
@@ -88,6 +90,8 @@ def pack(
         labels[i, :n] = torch.tensor(seq[1:])
         p = len(it["prompt_ids"])
         mask[i, p - 1 : n] = 1.0  # labels p-1 .. n-1 are the response tokens
+        if it.get("sampled_mask") is not None:  # tool-written tokens (0) are context, not trained on
+            mask[i, p - 1 : n] = torch.tensor(it["sampled_mask"], dtype=torch.float32)
         for key, out in per_token.items():
             if it.get(key) is not None:
                 out[i, p - 1 : n] = torch.tensor(it[key], dtype=torch.float32)
@@ -392,6 +396,7 @@ class PolicyUpdate:
                     "response_ids": r.response_ids,
                     "rollout_logp": r.rollout_logp,
                     "old_logp": r.old_logp,
+                    "sampled_mask": r.sampled_mask,
                     "advantage": advantage(i, j, r),
                     "routing": r.routing,
                     "image": r.image,

@@ -40,6 +40,7 @@ from megatron_step.rl.config import RLConfig
 from megatron_step.rl.engine import Engine, Generation, SamplingParams
 from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
 from megatron_step.rl.erasure_credit import attention_shares, erasure_stats, segment_advantages
+from megatron_step.rl.erl import erl_stats, generate_erl
 from megatron_step.rl.lockstep import mix_seed
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.routing_confidence import rollout_confidence
@@ -123,6 +124,33 @@ class RolloutSampler:
         self.failed = 0  # reward calls that failed (raised, timed out, crashed)
         self.tokens_sampled = 0  # every sampled token, erased ones included (the rollout budget)
         self.e3rl = E3RLPolicy(rl.e3rl) if rl.rollout == "e3rl" else None
+        # a task with a tool: every rollout goes through the tool loop (rl.erl; rollbacks only with
+        # rl.rollout=erl), tool-written tokens marked in Rollout.sampled_mask
+        self.tool = task.tool() if callable(getattr(task, "tool", None)) else None
+        if rl.rollout == "erl" and self.tool is None:
+            raise ValueError(
+                f"rl.rollout=erl with rl.task={rl.task!r}: the task has no tool (`tool()`, see rl/tasks.py); "
+                "ERL rolls back tool-calling steps"
+            )
+        if self.tool is not None and rl.rollout == "e3rl":
+            raise ValueError(
+                f"rl.rollout=e3rl with rl.task={rl.task!r}, a tool task: use rl.rollout=plain or erl"
+            )
+        self.erl = rl.erl if rl.rollout == "erl" else dataclasses.replace(rl.erl, max_rollbacks=0)
+
+    def rollouts(
+        self, prompts, params: SamplingParams, keys, record_routing=True, rollbacks=True, engine=None
+    ) -> list[Generation]:
+        """Responses to `prompts` from `engine` (default the sampler's): the tool loop for a tool task
+        (`rollbacks`: as rl.rollout says; False: none, e.g. evaluation), plain decoding otherwise."""
+        engine = engine or self.engine
+        if self.tool is None:
+            return engine.generate(prompts, params, record_routing=record_routing, keys=keys)
+        cfg = self.erl if rollbacks else dataclasses.replace(self.erl, max_rollbacks=0)
+        return generate_erl(
+            engine, prompts, self.tool, params, cfg, tokenizer=self.tok, record_routing=record_routing,
+            keys=keys,
+        )  # fmt: skip
 
     def encode_prompt(self, problem) -> list[int]:
         return [self.tok.bos] + self.tok.encode(self.task.prompt(problem))
@@ -147,7 +175,7 @@ class RolloutSampler:
         st = self.engine.stats
         before = (list(st.get("spec_proposed", [])), list(st.get("spec_accepted", [])))
         if self.e3rl is None:
-            gens = self.engine.generate(prompts, params, keys=keys)
+            gens = self.rollouts(prompts, params, keys)
         else:
             gens = generate_erasable(self.engine, prompts, groups, params, self.e3rl, keys=keys)
         seconds = time.perf_counter() - t0
@@ -214,6 +242,7 @@ class RolloutSampler:
                 routing=gen.routing,
                 adv_scale=None if batch.adv_scale is None else batch.adv_scale[i],
                 truncated=not gen.response_ids or gen.response_ids[-1] != self.tok.eos,
+                sampled_mask=gen.info.get("sampled_mask"),
                 info={"correct": correct[i], "entropy": sum(gen.entropies) / max(1, len(gen.entropies))},
             )
             for i, (gen, res) in enumerate(zip(gens, results))
@@ -239,6 +268,9 @@ class RolloutSampler:
             for d, (p, a) in enumerate(zip(proposed, accepted)):
                 stats[f"spec/acceptance_{d + 1}"] = a / p if p else 0.0
             stats["spec/tokens_per_draft_step"] = 1.0 + sum(accepted) / max(1, proposed[0])
+        if self.tool is not None:
+            stats.update({k.replace(" ", "_"): v for k, v in erl_stats(gens).items()})
+            stats["erl/sampled_tokens"] = sum(sum(x.info["sampled_mask"]) for x in gens) / len(gens)
         if self.e3rl is not None:
             stats.update(erasure_stats(gens, correct))
             self._log_erasures(batch, correct)
@@ -295,8 +327,14 @@ class Evaluator:
         def hits(gens, problems) -> int:
             return sum(self.task.correct(p, s.decode(x.response_ids)) for x, p in zip(gens, problems))
 
-        greedy = self.engine.generate(
-            prompts, SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True), record_routing=False
+        # a tool task is evaluated through the tool loop without rollbacks: the policy's own success
+        greedy = s.rollouts(
+            prompts,
+            SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True),
+            [(i,) for i in ids],
+            record_routing=False,
+            rollbacks=False,
+            engine=self.engine,
         )
         counts = [hits(greedy, mine), len(mine), 0, 0]
         if r.eval_samples:
@@ -308,11 +346,13 @@ class Evaluator:
                 top_k=r.top_k,
                 seed=0,
             )
-            sampled = self.engine.generate(
+            sampled = s.rollouts(
                 [p for p in prompts for _ in range(k)],
                 params,
+                [(i, j) for i in ids for j in range(k)],  # (held-out problem, sample): any layout
                 record_routing=False,
-                keys=[(i, j) for i in ids for j in range(k)],  # (held-out problem, sample): any layout
+                rollbacks=False,
+                engine=self.engine,
             )
             counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)]), k * len(mine)]
         t = torch.tensor(counts, dtype=torch.float64)

@@ -26,13 +26,27 @@ SFT_WARMUP_STEPS = 20  # LR warm-up of the supervised warm-up
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Worked solutions, one per sample, padded to seq_length; the loss covers the answer only."""
+    """Worked solutions, one per sample, padded to seq_length; the loss covers the answer only.
+
+    A tool task's solution (`task.segments`) is tokenized piece by piece, as a tool rollout produces
+    it (sampled text, then the tool's result encoded on its own), so the token boundaries around tool
+    results are the ones the policy meets; the tool-written pieces get no loss."""
 
     def __init__(self, tokenizer: StepTokenizer, task: Task, problems, seq_length: int):
         self.items = []
+        segments = getattr(task, "segments", None)
         for p in problems:
             prompt = tokenizer.encode(task.prompt(p))
-            answer = tokenizer.encode(" " + task.solution(p)) + [tokenizer.eos]
+            if callable(segments):
+                answer, learn = [], []
+                for text, forced in segments(p):
+                    piece = tokenizer.encode(text)
+                    answer += piece
+                    learn += [0.0 if forced else 1.0] * len(piece)
+            else:
+                answer = tokenizer.encode(" " + task.solution(p))
+                learn = [1.0] * len(answer)
+            answer, learn = answer + [tokenizer.eos], learn + [1.0]
             ids = ([tokenizer.bos] + prompt + answer)[: seq_length + 1]
             n = len(ids) - 1
             tokens = torch.full((seq_length,), tokenizer.pad, dtype=torch.long)
@@ -40,7 +54,8 @@ class SFTDataset(torch.utils.data.Dataset):
             mask = torch.zeros(seq_length)
             tokens[:n] = torch.tensor(ids[:-1])
             labels[:n] = torch.tensor(ids[1:])
-            mask[len(prompt) : n] = 1.0  # labels from the first answer token on (bos shifts by one)
+            # labels from the first answer token on (bos shifts by one)
+            mask[len(prompt) : n] = torch.tensor(learn[: n - len(prompt)])
             self.items.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
 
     def __len__(self):

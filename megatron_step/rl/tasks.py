@@ -32,10 +32,12 @@ import operator
 import random
 import re
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from megatron_step.rl.config import RLConfig
 from megatron_step.rl.rewards import math_reward, resolve_callable
+
+if TYPE_CHECKING:  # rl.config imports the lookup task, which imports this module
+    from megatron_step.rl.config import RLConfig
 
 __all__ = [
     "SPLITS",
@@ -184,6 +186,12 @@ class Task(Protocol):
     Problems are opaque to the stage: it only hands them back to the task. Contract: `train` and
     `heldout` are pure functions of their arguments (every data-parallel rank draws the same lists),
     and the two splits never share a problem.
+
+    Optional, for a tool-use task (`megatron_step.rl.lookup.LookupTask`): `tool()` returns a fresh
+    tool (`search(query) -> str`; the rollouts then go through the tool loop of megatron_step.rl.erl),
+    `segments(problem)` the worked solution as (text, forced) pieces -- the warm-up tokenizes them
+    piece by piece and keeps forced (tool-written) pieces out of the loss -- and `reward()` the
+    task's reward function where rl.reward_fn is unset.
     """
 
     def train(self, n: int, seed: int) -> list:
@@ -244,10 +252,15 @@ class ArithmeticTask:
 
 
 def make_task(rl: RLConfig) -> Task:
-    """The task `rl.task` names: "arithmetic" (the embedded default, shaped by `rl.task_*`), or a
+    """The task `rl.task` names: "arithmetic" (the embedded default, shaped by `rl.task_*`), "lookup"
+    (multi-hop questions through a search tool, `rl.lookup`), or a
     `package.module:callable` taking the RLConfig and returning a Task."""
     if rl.task == "arithmetic":
         return ArithmeticTask(rl.task_min_steps, rl.task_max_steps, rl.task_max_operand)
+    if rl.task == "lookup":
+        from megatron_step.rl.lookup import LookupTask  # lookup imports this module (split_of)
+
+        return LookupTask(rl.lookup)
     task = resolve_callable(rl.task, "rl.task")(rl)
     if not isinstance(task, Task):
         raise ValueError(f"rl.task={rl.task!r} returned {type(task).__name__}, not a Task (rl/tasks.py)")

@@ -292,7 +292,13 @@ def train_rl(cfg: RLRunConfig) -> dict:
         mtp_cache=spec.mtp_cache,
         drafter=None if spec.refresh_drafter or not spec.tokens else _frozen_copy(model, cfg, chunks),
     )
-    reward = resolve_reward_fn(r.reward_fn) or default_reward(r.reward_format_weight)
+    reward = resolve_reward_fn(r.reward_fn)
+    if reward is None:  # the task's own (a tool task's exact answer), else math + format
+        reward = (
+            task.reward()
+            if callable(getattr(task, "reward", None))
+            else default_reward(r.reward_format_weight)
+        )
     runner = RewardRunner(reward, timeout_s=r.reward_timeout_s, workers=r.reward_workers)
     pref = (
         PreferenceReward(RewardModel.load(r.reward_model, cfg.parallel), tokenizer, r.length_penalty)

@@ -31,7 +31,9 @@ from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.config import E3RLConfig, RLConfig
 from megatron_step.rl.engine import Engine, SamplingParams
 from megatron_step.rl.erasable import E3RLPolicy, generate_erasable
+from megatron_step.rl.erl import ERLConfig, generate_erl
 from megatron_step.rl.lockstep import keyed_uniforms
+from megatron_step.rl.lookup import SearchTool, make_world
 from megatron_step.rl.losses import PolicyLossConfig
 from megatron_step.rl.policy import PolicyUpdate, pack, record_old_logp, token_logp
 from megatron_step.rl.reward_model import PreferenceReward, RewardModel
@@ -46,6 +48,7 @@ from megatron_step.testing.golden import compare, format_rows, read_run
 from megatron_step.training.setup import build_model_and_optimizer
 from megatron_step.training.step import dp_mean
 from tests.golden import runs as golden_runs
+from tests.rl.test_erl import ToyTokenizer
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -164,7 +167,14 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
     rows = [(i, j) for i in range(r * per, (r + 1) * per) for j in range(G)]  # (prompt id, sample)
     mine = [prompts[i] for i, _ in rows]
     greedy = []
-    if kind == "e3rl":
+    if kind == "erl":  # tool rollouts with rollbacks: a word-level codec whose tags a random model hits
+        ecfg = ERLConfig(max_rollbacks=2, max_step_tokens=6, max_steps=3)
+        tool = SearchTool(make_world(0))
+        gens = generate_erl(
+            engine, mine, tool, SamplingParams(max_new_tokens=3 * NEW_TOKENS, seed=11), ecfg,
+            tokenizer=ToyTokenizer(_model_cfg().vocab_size), keys=rows,
+        )  # fmt: skip
+    elif kind == "e3rl":
         ecfg = E3RLConfig(segment_len=4, num_segments=3, threshold_std=0.0, max_erasures=2)
         groups_of = [i for i, _ in rows]
         gens = generate_erasable(
@@ -183,6 +193,7 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
                 group=i,
                 version=0,
                 routing=g.routing,
+                sampled_mask=g.info.get("sampled_mask"),
             )
             for (i, _), g in zip(rows[k : k + G], gens[k : k + G])
         ]
@@ -207,7 +218,16 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         h.remove()
     metrics.update(rollout_confidence([g.confidence for g in gens if g.confidence]))
     _save([c.module for c in chunks], out)
-    summary = [(x.response_ids, x.logprobs, x.info.get("erasures", 0)) for x in gens]
+    summary = [
+        (
+            x.response_ids,
+            x.logprobs,
+            x.info.get("erasures", 0),
+            x.info.get("rollbacks", 0),
+            x.info.get("sampled_mask"),
+        )
+        for x in gens
+    ]
     return {
         "sampled": _dp_gather(summary),
         "greedy": _dp_gather([(x.response_ids, x.logprobs) for x in greedy]),
@@ -217,6 +237,7 @@ def rollouts_and_update(rank, world_size, parallel_kw, weights, out, save, kind,
         "mtp_chunk_calls": calls[1],
         "optimizer_steps": sched.num_steps,
         "spec": (engine.stats["spec_proposed"], engine.stats["spec_accepted"]),  # this rank's counters
+        "idle_forwards": _dp_gather([engine.last_kv.get("idle_forwards", 0)]),  # ERL's lockstep padding
     }
 
 
@@ -235,7 +256,7 @@ def full_weights(rank, world_size, run_dirs, model_cfg=None):
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_layouts")
     refs = {}
-    for kind in ("plain", "e3rl", "macro", "kl"):
+    for kind in ("plain", "e3rl", "macro", "kl", "erl"):
         weights, out = str(root / "weights"), str(root / f"ref_{kind}")
         (res,) = run_distributed(rollouts_and_update, 1, {}, weights, out, kind == "plain", kind)
         refs[kind] = {"res": res, "out": out}
@@ -428,6 +449,21 @@ def test_e3rl_rollouts_with_erasures_match_one_process(kw, reference, tmp_path):
     got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "e3rl")[0]
     _same_rollouts(got, want, "sampled")
     _same_weights(reference, "e3rl", str(tmp_path))
+
+
+@pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}], ids=["ep2", "pp2"])
+def test_erl_tool_rollouts_with_rollbacks_match_one_process(kw, reference, tmp_path):
+    """ERL's tool rollouts (rollbacks on the KV cache, teacher-forced tool results) and the update
+    on them, tool tokens outside the loss: token-identical and the same weights as one process. Under
+    EP2 the DP ranks' rollouts need different numbers of forwards; the one that finishes first pads."""
+    want = reference["erl"]["res"]
+    rollbacks = [x[3] for x in want["sampled"]]
+    assert sum(rollbacks) >= 2 and sum(0 in x[4] for x in want["sampled"]) >= 2, rollbacks  # tool tokens
+    got = run_distributed(rollouts_and_update, 2, kw, reference["weights"], str(tmp_path), False, "erl")[0]
+    _same_rollouts(got, want, "sampled")
+    _same_weights(reference, "erl", str(tmp_path))
+    if "ep" in kw:
+        assert max(got["idle_forwards"]) > 0, got["idle_forwards"]  # uneven work: lockstep padding ran
 
 
 @pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}], ids=["ep2", "pp2"])

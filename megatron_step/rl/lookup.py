@@ -1,7 +1,7 @@
 """A generated multi-hop lookup task with a local in-memory search tool: the tool-use task of ERL
-(`experiments.erl.erl`).
+(`megatron_step.rl.erl`), and the RL stage's tool-use task (`rl.task: lookup`, `LookupTask`).
 
-    from experiments.erl.lookup import SearchTool, lookup_problems, make_world, prompt_text, solution_text
+    from megatron_step.rl.lookup import SearchTool, lookup_problems, make_world, prompt_text, solution_text
     world = make_world(seed=0)                                  # people, cities, countries, companies
     train = lookup_problems(world, 1000, seed=1)                # questions that need 2 lookups
     heldout = lookup_problems(world, 50, seed=1, split="heldout")
@@ -33,7 +33,7 @@ property of the question text alone; the world is shared by both splits (the too
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_step.rl.rewards import extract_answer
 from megatron_step.rl.tasks import SPLITS, split_of
@@ -44,7 +44,9 @@ __all__ = [
     "RESULT_CLOSE",
     "SEARCH_CLOSE",
     "SEARCH_OPEN",
+    "LookupConfig",
     "LookupProblem",
+    "LookupTask",
     "SearchTool",
     "World",
     "extract_answer",
@@ -272,3 +274,73 @@ def lookup_reward(prompt: str, response: str, reference: str) -> float:
     """1.0 iff the response's first <answer> is exactly `reference` (stripped), else 0.0. The reward
     signature of `megatron_step.rl.rewards`; `prompt` is unused."""
     return float(extract_answer(response) == reference.strip())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The RL stage's tool-use task (`rl.task: lookup`)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class LookupConfig:
+    """The lookup task of the RL stage (`rl.lookup.<field>`): which world, how many hops a question
+    needs. Ours: one world for every run (seed 0) and 2-hop questions, which the tiny CPU model
+    learns to route through the tool within a few hundred warm-up steps (docs/benchmarks.md)."""
+
+    world_seed: int = 0
+    min_hops: int = 2
+    max_hops: int = 2
+
+    def __post_init__(self):
+        hops = sorted({len(k) for k in TEMPLATES})
+        if self.min_hops not in hops or self.max_hops not in hops or self.max_hops < self.min_hops:
+            raise ValueError(
+                f"rl.lookup.min_hops={self.min_hops}, max_hops={self.max_hops}: each one of {hops}, "
+                "min_hops <= max_hops"
+            )
+
+
+@dataclass(frozen=True)
+class LookupTask:
+    """Multi-hop lookup questions answered through the search tool (a `rl.tasks.Task` with a tool):
+    its rollouts go through the tool loop (`megatron_step.rl.erl`; rl.rollout=erl adds rollbacks),
+    its warm-up learns the gold trajectories with the tool's results outside the loss (`segments`),
+    its reward is the exact final answer (`lookup_reward`)."""
+
+    cfg: LookupConfig = field(default_factory=LookupConfig)
+
+    @property
+    def world(self) -> World:
+        return make_world(self.cfg.world_seed)
+
+    def _problems(self, n: int, seed: int, split: str) -> list[LookupProblem]:
+        return lookup_problems(self.world, n, seed, split, self.cfg.min_hops, self.cfg.max_hops)
+
+    def train(self, n: int, seed: int) -> list[LookupProblem]:
+        return self._problems(n, seed, "train")
+
+    def heldout(self, n: int, seed: int) -> list[LookupProblem]:
+        return self._problems(n, seed, "heldout")
+
+    def prompt(self, problem: LookupProblem) -> str:
+        return prompt_text(problem)
+
+    def reference(self, problem: LookupProblem) -> str:
+        return problem.answer
+
+    def solution(self, problem: LookupProblem) -> str:
+        return solution_text(problem)
+
+    def segments(self, problem: LookupProblem) -> list[tuple[str, bool]]:
+        """The gold trajectory as (text, forced) pieces, forced = written by the tool (no loss)."""
+        return solution_segments(problem)
+
+    def correct(self, problem: LookupProblem, response: str) -> bool:
+        return lookup_reward("", response, problem.answer) == 1.0
+
+    def tool(self) -> SearchTool:
+        """A fresh search tool over the task's world (one per sampler: `calls` counts its searches)."""
+        return SearchTool(self.world)
+
+    def reward(self):
+        """The task's reward function when rl.reward_fn is unset (module level: it pickles into the
+        reward workers)."""
+        return lookup_reward

@@ -12,7 +12,7 @@ How a rollout runs (one rollout at a time, batch size 1 per KV cache: Megatron-C
 keeps one length for the whole batch, and the rollouts of a batch call tools and roll back at
 different positions, so sharing a cache would force re-feeding every other row's tokens):
 
-1. Prefill the prompt. Decode one step: sample (as `Engine.generate`: `Engine._sample`, the same
+1. Prefill the prompt. Decode one step: sample (as `Engine.generate`: `Engine.sample`, the same
    log-probs and entropies) until the step's text contains `</search>` or `</answer>`, a stop token
    (eos or `params.stop_ids`), `max_step_tokens`, or the response cap (`params.max_new_tokens`). The
    logits that predicted each of the step's tokens are kept (a few (V,) rows), so a rollback needs no
@@ -34,9 +34,18 @@ tokens are marked in `info["sampled_mask"]` (1: sampled, 0: teacher-forced; the 
 position: at the end its length is len(prompt) + len(response) - 1 when the response ends on a sampled
 token (the last token is never fed, as in `Engine.generate`), whatever the number of rollbacks. (A
 rollout that stops after a search -- `max_steps` or the response cap reached -- keeps the result tokens
-in the response without feeding them: nothing is left to predict.) Not wired into the RL loop yet:
-`policy.pack` puts every response token under the loss, so a trainer must multiply its mask by
-`sampled_mask` first.
+in the response without feeding them: nothing is left to predict.) The RL stage trains on ERL rollouts
+with `rl.rollout: erl` on a task that has a tool (`megatron_step.rl.lookup.LookupTask`): `Rollout.
+sampled_mask` carries the marks and `policy.pack` keeps the 0s out of the loss.
+
+Layouts. A forward of a TP / EP / PP model is collective; the ranks of one model replica hold the same
+rollouts and take the same decisions (tokens are sampled on the last pipeline stage and broadcast,
+`Engine.sample`), but data-parallel ranks joined by expert parallelism hold different prompts, whose
+rollouts need different numbers of forwards (steps, rollbacks, tool results). Every model call is
+therefore one round agreed on `engine.lockstep` (one 1-element all-reduce before it): a rank whose
+rollouts are done keeps answering rounds with a padding forward through a scratch cache until no rank
+of the group has work. Keyed randomness (`keys`, as `Engine.generate`) makes a rollout independent of
+the layout and of the other rollouts on its rank.
 
 `Generation.info`: `steps` (every attempt in order, kept and rolled back: `Step.record()`),
 `rollbacks`, `regenerated_tokens` (sampled tokens thrown away by rollbacks), `prefix_reused` (cached
@@ -46,7 +55,6 @@ positions kept, not recomputed, summed over rollbacks), `tool_calls`, `sampled_m
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -55,9 +63,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from megatron.core.inference.utils import InferenceMode
 
-from experiments.erl.lookup import (
+from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
+from megatron_step.rl.lookup import (
     ANSWER_CLOSE,
     NO_RESULT,
     SEARCH_CLOSE,
@@ -66,7 +74,6 @@ from experiments.erl.lookup import (
     extract_query,
     format_result,
 )
-from megatron_step.rl.engine import Engine, Generation, KVCache, SamplingParams
 
 __all__ = ["ERLConfig", "Step", "Tool", "default_step_score", "erl_stats", "generate_erl"]
 
@@ -201,10 +208,32 @@ def token_at_char(codec: Codec, tokens: list[int], char: int) -> int:
     return j
 
 
+class _Rounds:
+    """One round per model call, agreed on `engine.lockstep`: a rank with work calls `work()` before
+    each call; `drain()`, once its rollouts are done, answers the other ranks' rounds with padding
+    forwards through a 1-row scratch cache until none has work (free when no collective joins ranks)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.step = engine, engine.lockstep
+        self.scratch: KVCache | None = None
+        self.idle = 0  # padding forwards made
+
+    def work(self) -> None:
+        self.step.any(True)  # collective: engine.lockstep.group
+
+    def drain(self) -> None:
+        while self.step.any(False):  # collective: engine.lockstep.group
+            if self.scratch is None or self.scratch.length + 1 > self.scratch.max_len:
+                self.scratch = KVCache(1, 64)
+            self.engine.forward(self.scratch, torch.tensor([[self.engine.pad_id]]))
+            self.idle += 1
+
+
 class _Rollout:
     """One rollout's state: its cache, the kept trajectory, the current step's boundary logits."""
 
-    def __init__(self, engine, prompt, tool, codec, params, cfg, score_fn, seed, key, record):
+    def __init__(self, engine, prompt, tool, codec, params, cfg, score_fn, seed, key, record, rounds):
+        self.rounds = rounds  # the lockstep rounds of the call (`_Rounds`)
         self.engine, self.prompt, self.tool, self.codec = engine, list(prompt), tool, codec
         self.params, self.cfg, self.score_fn = params, cfg, score_fn
         self.seed, self.key = seed, key  # keyed randomness: a token's key is (*key, index, rollbacks)
@@ -222,9 +251,14 @@ class _Rollout:
         self.rollbacks = self.regenerated = self.prefix_reused = self.tool_calls = 0
 
     def forward(self, tokens: list[int]) -> torch.Tensor:
-        """Feed `tokens` at the cache's position; the last position's (V,) logits."""
+        """Feed `tokens` at the cache's position; the last position's (V,) logits ((0,) off the last
+        pipeline stage). One model call per round of `self.rounds`: the prompt in one call, tokens fed
+        into a non-empty cache one position per call (as `Engine.forward` does)."""
         rec = [] if self.record else None
-        logits = self.engine.forward(self.cache, torch.tensor([tokens]), rec)
+        calls = [tokens] if self.cache.length == 0 else [[t] for t in tokens]
+        for call in calls:
+            self.rounds.work()  # collective: engine.lockstep (see the module docstring)
+            logits = self.engine.forward(self.cache, torch.tensor([call]), rec)
         if rec:
             for _, call in rec:  # per call: (start, per layer (s, 1, K))
                 self.routing.extend(torch.stack(call, 0)[:, :, 0].unbind(1))
@@ -235,7 +269,8 @@ class _Rollout:
         step token k and grows as tokens are fed. The last token is not fed. Returns the step's kind."""
         while True:
             key = (*self.key, len(self.resp), self.rollbacks)
-            tok, lp, ent = self.engine._sample(
+            # under PP the last stage samples and broadcasts to its pipeline (Engine.sample)
+            tok, lp, ent = self.engine.sample(
                 logits_k[len(self.resp) - start][None], self.params, self.seed, [key]
             )
             t = int(tok[0])
@@ -351,6 +386,7 @@ def generate_erl(
     *,
     tokenizer: Codec,
     record_routing: bool = True,
+    keys: list[tuple[int, ...]] | None = None,
 ) -> list[Generation]:
     """One ERL rollout per prompt (repeat a prompt G times for a group), one after the other, each with
     its own batch-1 KV cache of len(prompt) + params.max_new_tokens positions (the response cap counts
@@ -358,26 +394,29 @@ def generate_erl(
     results. `score_fn(step) -> float` (default `default_step_score`) is called once per attempt,
     after the tool answered; steps scoring under `cfg.threshold` are rolled back while the rollout has
     `cfg.max_rollbacks` left. `cfg.max_rollbacks=0` is plain tool-using decoding.
-    `engine.last_kv`: KV bytes used / allocated, summed over the rollouts' caches."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    `keys[i]`: prompt i's key for the keyed randomness, as `Engine.generate` (default (i,)); a token's
+    uniform is keyed by (params.seed, *keys[i], response index, rollbacks so far).
+    Every rank of `engine.lockstep` calls this together, each with its own prompts (none included).
+    `engine.last_kv`: KV bytes used / allocated, summed over the rollouts' caches, and the padding
+    forwards this rank made to keep its group in step (`idle_forwards`)."""
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_erl: every prompt needs at least one token")
+    keys = [(i,) for i in range(len(prompts))] if keys is None else [tuple(k) for k in keys]
+    if len(keys) != len(prompts):
+        raise ValueError(f"generate_erl: {len(prompts)} prompts but {len(keys)} keys")
     t0 = time.perf_counter()
-    was_training = engine.model.training
-    engine.model.eval()
     seed = engine.seed_of(params)
-    mode = InferenceMode.active() if engine.has_mtp else contextlib.nullcontext()
+    rounds = _Rounds(engine)
     out, used, allocated = [], 0, 0
-    try:
-        with mode:
-            for i, p in enumerate(prompts):
-                r = _Rollout(engine, p, tool, tokenizer, params, cfg, score_fn, seed, (i,), record_routing)
-                out.append(r.run())
-                used += r.cache.used_bytes()
-                allocated += r.cache.allocated_bytes()
-    finally:
-        engine.model.train(was_training)
+    with engine.inference():
+        for p, key in zip(prompts, keys):
+            r = _Rollout(engine, p, tool, tokenizer, params, cfg, score_fn, seed, key, record_routing, rounds)
+            out.append(r.run())
+            used += r.cache.used_bytes()
+            allocated += r.cache.allocated_bytes()
+        rounds.drain()
     engine.stats["seconds"] += time.perf_counter() - t0
-    engine.last_kv = {"used_bytes": used, "allocated_bytes": allocated}
+    engine.last_kv = {"used_bytes": used, "allocated_bytes": allocated, "idle_forwards": rounds.idle}
     return out
 
 

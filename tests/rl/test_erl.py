@@ -13,8 +13,12 @@ from collections import Counter
 import pytest
 import torch
 
-from experiments.erl.erl import ERLConfig, Step, default_step_score, generate_erl, token_at_char
-from experiments.erl.lookup import (
+from megatron_step import platform
+from megatron_step.models.step_flash import build_step_flash, tiny
+from megatron_step.platform import ParallelConfig
+from megatron_step.rl.engine import Engine, SamplingParams
+from megatron_step.rl.erl import ERLConfig, Step, default_step_score, generate_erl, token_at_char
+from megatron_step.rl.lookup import (
     NO_RESULT,
     LookupProblem,
     SearchTool,
@@ -29,10 +33,6 @@ from experiments.erl.lookup import (
     solution_text,
     split_of,
 )
-from megatron_step import platform
-from megatron_step.models.step_flash import build_step_flash, tiny
-from megatron_step.platform import ParallelConfig
-from megatron_step.rl.engine import Engine, SamplingParams
 from megatron_step.rl.policy import pack, token_logp
 from megatron_step.testing import run_distributed
 
@@ -453,3 +453,96 @@ def rollback_scenarios(rank, world_size):
         "plain_rollbacks": [x.info["rollbacks"] for x in plain],
     }
     return out
+
+
+# -- the RL stage's side: the task, the warm-up data, the packed loss mask (fast, no model) ----------
+def test_lookup_task_is_a_task_with_a_tool_and_its_reward():
+    from megatron_step.rl.config import RLConfig
+    from megatron_step.rl.tasks import Task, make_task
+
+    task = make_task(RLConfig(task="lookup"))
+    assert isinstance(task, Task)
+    p = task.train(1, seed=3)[0]
+    assert task.correct(p, task.solution(p)) and not task.correct(p, " <answer> nowhere</answer>")
+    assert task.reward()("", task.solution(p), task.reference(p)) == 1.0
+    (s, r, o) = p.hops[0]
+    assert task.tool().search(f"{s} {r}") == f"{s} {r} {o}"
+    assert "".join(t for t, _ in task.segments(p)) == task.solution(p)
+    assert not {q.key for q in task.heldout(50, 0)} & {q.key for q in task.train(500, 0)}
+
+
+def test_warm_up_data_keeps_tool_results_out_of_the_loss():
+    from megatron_step.rl.lookup import LookupTask
+    from megatron_step.rl.sft import SFTDataset
+
+    class Codec:  # one id per character
+        bos, eos, pad = 1, 2, 0
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    tok, task = Codec(), LookupTask()
+    p = task.train(1, seed=0)[0]
+    item = SFTDataset(tok, task, [p], seq_length=320)[0]
+    n_prompt = len(tok.encode(task.prompt(p)))  # labels from index n_prompt on are the solution
+    labels, mask = item["labels"][n_prompt:].tolist(), item["loss_mask"][n_prompt:].tolist()
+    pieces = [(tok.encode(text), f) for text, f in task.segments(p)] + [([tok.eos], False)]
+    k = sum(len(ids) for ids, _ in pieces)
+    assert labels[:k] == [i for ids, _ in pieces for i in ids]
+    assert mask[:k] == [0.0 if f else 1.0 for ids, f in pieces for _ in ids] and sum(mask[k:]) == 0
+    assert item["loss_mask"][:n_prompt].sum() == 0 and 0.0 in mask and any(f for _, f in pieces)
+
+
+def test_pack_keeps_tool_tokens_out_of_the_mask():
+    item = {"prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10, 11], "sampled_mask": [1, 0, 0, 1]}
+    b = pack([item, {"prompt_ids": [5, 6], "response_ids": [8, 9]}])
+    assert b["mask"][0].tolist() == [0, 0, 1, 0, 0, 1]  # labels 2..5 are the response tokens
+    assert b["mask"][1].tolist() == [0, 1, 1, 0, 0, 0]  # no sampled_mask: every response token
+
+
+def test_erl_config_errors_name_the_field():
+    from megatron_step.rl.config import RLConfig
+
+    with pytest.raises(ValueError, match="rl.rollout=erl with rl.task='arithmetic'"):
+        RLConfig(rollout="erl")
+    with pytest.raises(ValueError, match="rl.task=lookup with rl.advantage=gae"):
+        RLConfig(task="lookup", advantage="gae")
+    from megatron_step.rl.config import SpeculativeConfig
+
+    with pytest.raises(ValueError, match="tool rollouts decode token by token"):
+        RLConfig(task="lookup", speculative=SpeculativeConfig(tokens=1))
+
+
+def train_rl_lookup(rank, world_size, run_dir, extra):
+    """posttrain/train_rl.py's stage on examples/rl/rl_lookup.yaml, shrunk: a 30-step warm-up, then
+    2 RL steps of 2 prompts x 2 tool rollouts."""
+    from megatron_step.config.run import RLRunConfig, load_run_config
+    from megatron_step.stages.rl import train_rl
+
+    overrides = [
+        f"train.run_dir={run_dir}", f"rl.init_from={run_dir}/sft", "rl.sft_steps=30", "train.steps=2",
+        "train.eval_interval=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.eval_problems=4",
+        "rl.eval_samples=1", "train.micro_batch_size=4", *extra,
+    ]  # fmt: skip
+    cfg = load_run_config("examples/rl/rl_lookup.yaml", overrides, RLRunConfig)
+    try:
+        return train_rl(cfg)
+    finally:
+        platform.teardown()
+
+
+@pytest.mark.slow  # ~5 min on 2 cores (warm-up, tool rollouts one position per call)
+@pytest.mark.distributed
+def test_train_rl_runs_erl_rollouts_on_the_lookup_task(tmp_path):
+    from megatron_step.testing.golden import read_run
+
+    run_dir = str(tmp_path / "erl")
+    out = run_distributed(train_rl_lookup, 1, run_dir, ["rl.rollout=erl", "rl.erl.threshold=2.0"])[0]
+    assert [s for s, _ in out["accuracy"]] == [0, 2] and out["reward_failures"] == 0
+    curves = read_run(run_dir)
+    for tag in ("erl/rollbacks_per_rollout", "erl/tool_calls", "erl/sampled_tokens", "policy/loss"):
+        assert tag in curves, (tag, sorted(curves))
+    # threshold 2 rejects every step: each rollout spends its rl.erl.max_rollbacks (3)
+    assert set(curves["erl/rollbacks_per_rollout"].values()) == {3.0}, curves["erl/rollbacks_per_rollout"]
+    # tool results are part of the response but not sampled
+    assert all(v < curves["rl/response_length"][k] for k, v in curves["erl/sampled_tokens"].items())
