@@ -252,7 +252,7 @@ class RLConfig:
         if self.speculative.tokens and (self.rollout != "plain" or self.task == "lookup"):
             raise ValueError(
                 f"rl.speculative.tokens={self.speculative.tokens} with rl.rollout={self.rollout}: "
-                "erasable and tool rollouts decode token by token; use rl.rollout=plain on a task "
+                "erasable rollouts decode token by token (tool rollouts too); use rl.rollout=plain on a task "
                 "without a tool"
             )
 

@@ -509,7 +509,7 @@ def test_erl_config_errors_name_the_field():
         RLConfig(task="lookup", advantage="gae")
     from megatron_step.rl.config import SpeculativeConfig
 
-    with pytest.raises(ValueError, match="tool rollouts decode token by token"):
+    with pytest.raises(ValueError, match="tool rollouts too"):
         RLConfig(task="lookup", speculative=SpeculativeConfig(tokens=1))
 
 
