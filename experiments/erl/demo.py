@@ -128,11 +128,11 @@ def evaluate(engine, tok, world, problems, args) -> list[dict]:
             {
                 "name": name,
                 "success": sum(ok) / len(ok),
-                "rollbacks": st["erl/rollbacks per rollout"],
-                "regenerated": st["erl/tokens regenerated"],
-                "reused": st["erl/prefix positions reused"],
-                "tool_calls": st["erl/tool calls"],
-                "sampled": sum(sum(g.info["sampled_mask"]) for g in gens) / len(gens),
+                "rollbacks": st["erl/rollbacks_per_rollout"],
+                "regenerated": st["erl/tokens_regenerated"],
+                "reused": st["erl/prefix_positions_reused"],
+                "tool_calls": st["erl/tool_calls"],
+                "sampled": st["erl/sampled_tokens"],
                 "wall": wall,
                 "gens": gens,
             }

@@ -421,16 +421,18 @@ def generate_erl(
 
 
 def erl_stats(gens: list[Generation]) -> dict[str, float]:
-    """Per-rollout means of the ERL counters (TensorBoard metrics / the demo's table)."""
+    """Per-rollout means of the ERL counters: the RL stage's erl/* metrics and the demo's table."""
     n = max(1, len(gens))
 
     def mean(key):
         return sum(g.info.get(key, 0) for g in gens) / n
 
     return {
-        "erl/rollbacks per rollout": mean("rollbacks"),
-        "erl/tokens regenerated": mean("regenerated_tokens"),
-        "erl/prefix positions reused": mean("prefix_reused"),
-        "erl/tool calls": mean("tool_calls"),
-        "erl/response length": sum(len(g.response_ids) for g in gens) / n,
+        "erl/rollbacks_per_rollout": mean("rollbacks"),
+        "erl/tokens_regenerated": mean("regenerated_tokens"),
+        "erl/prefix_positions_reused": mean("prefix_reused"),
+        "erl/tool_calls": mean("tool_calls"),
+        "erl/response_length": sum(len(g.response_ids) for g in gens) / n,
+        # tokens the policy sampled in the kept responses (tool results excluded)
+        "erl/sampled_tokens": sum(sum(g.info["sampled_mask"]) for g in gens) / n,
     }

@@ -269,8 +269,7 @@ class RolloutSampler:
                 stats[f"spec/acceptance_{d + 1}"] = a / p if p else 0.0
             stats["spec/tokens_per_draft_step"] = 1.0 + sum(accepted) / max(1, proposed[0])
         if self.tool is not None:
-            stats.update({k.replace(" ", "_"): v for k, v in erl_stats(gens).items()})
-            stats["erl/sampled_tokens"] = sum(sum(x.info["sampled_mask"]) for x in gens) / len(gens)
+            stats.update(erl_stats(gens))
         if self.e3rl is not None:
             stats.update(erasure_stats(gens, correct))
             self._log_erasures(batch, correct)
