@@ -1,11 +1,12 @@
 """RL runs side by side from one warm-up checkpoint: held-out accuracy curves (vs step and vs sampled
-tokens), a Markdown table and a PNG. Four suites:
+tokens), a Markdown table and a PNG. Six suites:
 
     python -m benchmarks.rl_compare --suite demo       # issue 7: sync (3 seeds) + async cap 1
     python -m benchmarks.rl_compare --suite e3rl       # E3RL vs plain GRPO, equal token budget
     python -m benchmarks.rl_compare --suite staleness  # MIS-PO / TIS / GRPO at staleness 0, 2, 4
     python -m benchmarks.rl_compare --suite critic     # GRPO vs actor-critic (GAE), two truncation rules
     python -m benchmarks.rl_compare --suite spec       # MTP speculative rollouts: drafter refreshed or not
+    python -m benchmarks.rl_compare --suite erl        # ERL vs plain tool rollouts, equal token budget
 
 staleness: the demo task, async with rl.exact_staleness (batch b sampled with version b - k, so every
 step from the k-th on trains on rollouts exactly k versions old, and thread timing plays no part),
@@ -21,6 +22,12 @@ decoding (rl.speculative.tokens=3, the rejection rule); per seed the policy's ow
 update refreshes the drafter) or a frozen copy of the starting heads does (rl.speculative.
 refresh_drafter=false): acceptance per draft depth by step. Each run saves its final checkpoint (the
 input of benchmarks.spec_decode).
+
+erl: `examples/rl/rl_lookup.yaml` (2-hop lookup questions through the search tool); per seed plain
+tool rollouts vs ERL rollouts (rl.rollout=erl, default rl.erl), same warm-up checkpoint, same loss,
+both stopped at the same number of tokens the policy sampled (`--budget`, default 20k; rolled-back
+tokens count, the tool's results do not), so ERL gets fewer steps. Curves: the success rate of the
+training rollouts (the reward: exact final answer) and the held-out accuracy, by sampled tokens.
 
 demo: `examples/rl/rl_tiny.yaml` as shipped (1-2 step arithmetic, operands <= 5), sync MIS-PO for three
 seeds and async with staleness cap 1, every run `--steps` RL steps.
@@ -61,7 +68,9 @@ LONG_TASK = [
 ]
 
 
-SUITES = ("demo", "e3rl", "staleness", "critic", "spec")
+SUITES = ("demo", "e3rl", "staleness", "critic", "spec", "erl")
+CONFIGS = {"erl": "examples/rl/rl_lookup.yaml"}  # a suite's run config (others: rl_tiny.yaml)
+BUDGETS = {"e3rl": 120_000, "erl": 20_000}  # --budget's default per suite (tokens sampled per run)
 
 
 def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
@@ -77,7 +86,7 @@ def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
             *LONG_TASK,
             "rl.loss=grpo",
             f"train.steps={args.steps}",
-            f"rl.max_tokens_sampled={args.budget}",
+            f"rl.max_tokens_sampled={args.budget or BUDGETS[name]}",
             "train.eval_interval=10",
         ]
         runs = {}
@@ -124,13 +133,25 @@ def suite(name: str, args) -> tuple[list[str], dict[str, list[str]]]:
             runs[f"refresh-seed{s}"] = [f"train.seed={s}"]
             runs[f"frozen-seed{s}"] = [f"train.seed={s}", "rl.speculative.refresh_drafter=false"]
         return common, runs
+    if name == "erl":
+        common = [
+            f"train.steps={args.steps}",
+            f"rl.max_tokens_sampled={args.budget or BUDGETS[name]}",
+            "train.eval_interval=10",
+            "rl.eval_problems=12",  # the world holds ~10 held-out 2-hop questions (drawn with replacement)
+        ]
+        runs = {}
+        for s in seeds:
+            runs[f"plain-seed{s}"] = [f"train.seed={s}"]
+            runs[f"erl-seed{s}"] = [f"train.seed={s}", "rl.rollout=erl"]
+        return common, runs
     raise ValueError(f"--suite {name!r}: one of {', '.join(SUITES)}")
 
 
-def run_one(overrides: list[str], result_path: str) -> None:
+def run_one(overrides: list[str], result_path: str, config: str = "examples/rl/rl_tiny.yaml") -> None:
     """One RL run in this process (1 thread); writes its curves as JSON."""
     torch.set_num_threads(1)
-    cfg = load_run_config("examples/rl/rl_tiny.yaml", overrides, RLRunConfig)
+    cfg = load_run_config(config, overrides, RLRunConfig)
     t0 = time.time()
     try:
         out = train_rl(cfg)
@@ -150,7 +171,8 @@ def run_one(overrides: list[str], result_path: str) -> None:
     keys = ("policy/keep_rate", "policy/clip_frac", "policy/staleness_kl", "policy/ppo_ratio_mean")
     keys += ("critic/value_error", "critic/explained_variance", "rl/response_length", "critic/truncated_rate")
     keys += ("spec/acceptance_1", "spec/acceptance_2", "spec/acceptance_3", "spec/tokens_per_draft_step")
-    keys += ("rl/generation_tokens_per_sec",)
+    keys += ("rl/generation_tokens_per_sec", "rl/accuracy_train", "rl/tokens_sampled_cumulative")
+    keys += ("erl/rollbacks_per_rollout", "erl/sampled_tokens", "erl/tool_calls")
     for key in keys:
         if key in logged:
             res[key.split("/")[1]] = sorted(logged[key].items())
@@ -158,11 +180,13 @@ def run_one(overrides: list[str], result_path: str) -> None:
         json.dump(res, f)
 
 
-def _run_all(jobs: dict[str, list[str]], out: str, parallel: int) -> dict[str, dict]:
+def _run_all(jobs: dict[str, list[str]], out: str, parallel: int, config: str) -> dict[str, dict]:
     def summary(r):
         return f"{r['accuracy'][0][1]:.3f} -> {r['accuracy'][-1][1]:.3f}"
 
-    return run_jobs(jobs, out, parallel, "benchmarks.rl_compare", summary=summary)
+    return run_jobs(
+        jobs, out, parallel, "benchmarks.rl_compare", summary=summary, extra=lambda n: ["--config", config]
+    )
 
 
 def table(results: dict) -> str:
@@ -245,6 +269,12 @@ CRITIC_PANELS = (
     ("response_length", "response length (tokens)"),
     ("value_error", "critic: 0.5 (V - G)^2, fresh rollouts"),
 )
+ERL_PANELS = (
+    ("accuracy_train", "success rate of the training rollouts"),
+    ("accuracy", "held-out accuracy (greedy)"),
+    ("accuracy_sampled", "held-out accuracy (sampled)"),
+    ("rollbacks_per_rollout", "rollbacks per rollout"),
+)
 SPEC_PANELS = (
     ("acceptance_1", "draft depth 1: accepted / proposed"),
     ("acceptance_2", "depth 2 (given depth 1 accepted)"),
@@ -253,10 +283,11 @@ SPEC_PANELS = (
 )
 
 
-def plot_arms(results: dict, path: str, panels=CRITIC_PANELS) -> None:
+def plot_arms(results: dict, path: str, panels=CRITIC_PANELS, x: str = "step") -> None:
     """Mean over seeds per arm (run name before '-seed'), one panel per (key, title) of `panels`
     (critic suite: held-out accuracy, response length, the critic's error on fresh rollouts; spec
-    suite: draft acceptance per depth)."""
+    suite: draft acceptance per depth; erl suite: success rates and rollbacks), against the RL step
+    or (x="tokens") the tokens sampled by then (the mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,11 +298,16 @@ def plot_arms(results: dict, path: str, panels=CRITIC_PANELS) -> None:
         if not r.get("failed"):
             arms.setdefault(name.split("-seed")[0], []).append(r)
 
+    def at_tokens(r, step):  # tokens sampled by the end of `step` (0 before the first)
+        return dict(r["tokens_sampled_cumulative"]).get(step, 0.0) if step else 0.0
+
     def mean(runs, key):
         n = min(len(r[key]) for r in runs)
-        return [runs[0][key][j][0] for j in range(n)], [
-            sum(r[key][j][1] for r in runs) / len(runs) for j in range(n)
+        xs = [
+            runs[0][key][j][0] if x == "step" else sum(at_tokens(r, r[key][j][0]) for r in runs) / len(runs)
+            for j in range(n)
         ]
+        return xs, [sum(r[key][j][1] for r in runs) / len(runs) for j in range(n)]
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
@@ -282,7 +318,7 @@ def plot_arms(results: dict, path: str, panels=CRITIC_PANELS) -> None:
                     xs, ys, marker="o" if len(xs) < 12 else None, color=f"C{i}", label=f"{arm} ({len(runs)})"
                 )
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("RL step")
+        ax.set_xlabel("RL step" if x == "step" else "tokens sampled")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -295,7 +331,9 @@ def main(argv=None) -> None:
     ap.add_argument("--staleness", default="0,2,4", help="staleness suite: the fixed staleness values")
     ap.add_argument("--losses", default="mispo,tis,grpo", help="staleness suite: rl.loss kinds")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--budget", type=int, default=120_000, help="e3rl suite: tokens sampled per run")
+    ap.add_argument(
+        "--budget", type=int, default=None, help="e3rl / erl suites: tokens sampled per run (120k / 20k)"
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", default=None, help="default runs/rl_compare_<suite>")
@@ -303,10 +341,12 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], help="extra override for every run (repeat)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        run_one(json.loads(args.one), args.result)
+        run_one(json.loads(args.one), args.result, args.config)
         return
+    config = CONFIGS.get(args.suite, "examples/rl/rl_tiny.yaml")
     out = args.out or f"runs/rl_compare_{args.suite}"
     os.makedirs(out, exist_ok=True)
     common, runs = suite(args.suite, args)
@@ -316,9 +356,9 @@ def main(argv=None) -> None:
     if checkpoint.latest_step(f"{out}/sft") is None:
         print("supervised warm-up ...", flush=True)
         warm = [*common, *runs[first], "train.steps=1", f"train.run_dir={out}/warmup"]
-        _run_all({"warmup": warm}, out, 1)
+        _run_all({"warmup": warm}, out, 1, config)
     jobs = {n: [*common, *ov, f"train.run_dir={out}/{n}"] for n, ov in runs.items()}
-    results = _run_all(jobs, out, args.parallel)
+    results = _run_all(jobs, out, args.parallel, config)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     png = args.png or os.path.join(out, f"{args.suite}.png")
@@ -326,6 +366,8 @@ def main(argv=None) -> None:
         plot_staleness(results, png)
     elif args.suite in ("critic", "spec"):
         plot_arms(results, png, SPEC_PANELS if args.suite == "spec" else CRITIC_PANELS)
+    elif args.suite == "erl":
+        plot_arms(results, png, ERL_PANELS, x="tokens")
     else:
         plot(results, png, "tokens" if args.suite == "e3rl" else "step")
     print(table(results))

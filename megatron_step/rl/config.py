@@ -173,8 +173,8 @@ class RLConfig:
     rollout: str = "plain"
     e3rl: E3RLConfig = field(default_factory=E3RLConfig)  # override as rl.e3rl.<field>=value
     erl: ERLConfig = field(default_factory=ERLConfig)  # override as rl.erl.<field>=value
-    # stop once this rank has sampled this many tokens (erased ones included; 0: run train.steps):
-    # compares rollout schemes at an equal sampling budget
+    # stop once this rank has sampled this many tokens (erased and rolled-back ones included, a tool's
+    # teacher-forced results not; 0: run train.steps): compares rollout schemes at an equal sampling budget
     max_tokens_sampled: int = 0
     # --- off-policy ---------------------------------------------------------------------------------------
     async_mode: bool = False  # generate ahead (on a synced inference replica) while the trainer updates

@@ -248,7 +248,12 @@ class RolloutSampler:
             for i, (gen, res) in enumerate(zip(gens, results))
         ]
         n_tok = sum(len(x.response_ids) for x in gens)
-        n_sampled = n_tok + sum(x.info.get("regenerated_tokens", 0) for x in gens)
+        # what the policy sampled: a tool rollout's teacher-forced results are not, erased tokens are
+        n_sampled = sum(
+            (len(x.response_ids) if r.sampled_mask is None else sum(r.sampled_mask))
+            + x.info.get("regenerated_tokens", 0)
+            for x, r in zip(gens, rollouts)
+        )
         self.tokens_sampled += n_sampled
         stats.update(
             {
