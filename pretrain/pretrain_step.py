@@ -8,6 +8,11 @@
     python pretrain/pretrain_step.py --config examples/tiny/tiny.yaml model.bf16=true
     # Slurm: 512 nodes x 8 GPUs, the report's layout (docs/design.md §4)
     sbatch examples/step35_flash/pretrain.sbatch
+    # MTP staging (docs/design.md): MTP-1 alone, then a joint phase with MTP-2/3 copied from MTP-1
+    python pretrain/pretrain_step.py --config examples/tiny/tiny.yaml \
+        'model.mtp_loss_weights=[0.3,0.0,0.0]' train.run_dir=runs/mtp1
+    python pretrain/pretrain_step.py --config examples/tiny/tiny.yaml train.steps=50 \
+        train.init_from=runs/mtp1 train.mtp_init_from_first=true train.run_dir=runs/mtp_joint
     # validate a layout and estimate per-GPU memory, no GPUs needed
     python pretrain/pretrain_step.py --config examples/step35_flash/step35_flash.yaml \
         --dry-run --world-size 4096

@@ -80,6 +80,14 @@ class PretrainConfig(RunConfig):
 
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.mtp_init_from_first and self.model_config().mtp_num_layers < 2:
+            raise ValueError(
+                f"train.mtp_init_from_first=true: model.mtp_num_layers={self.model_config().mtp_num_layers}, "
+                "needs >= 2 MTP modules (module 1 is copied into modules 2..K)"
+            )
+
     def validate(self, world_size: int) -> None:
         super().validate(world_size)
         dp = self.parallel.dp(world_size)
@@ -98,12 +106,28 @@ class RLRunConfig(PretrainConfig):
 
     rl: RLConfig = field(default_factory=RLConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.init_from:
+            raise ValueError(
+                f"train.init_from={self.train.init_from!r}: RL runs start from rl.init_from (train.init_from "
+                "is pretraining's)"
+            )
+
 
 @dataclass
 class MMRPTRunConfig(RunConfig):
     """MMRPT and its caption-imitation baseline (megatron_step.stages.mmrpt)."""
 
     mmrpt: MMRPTConfig = field(default_factory=MMRPTConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.init_from or self.train.mtp_init_from_first:
+            raise ValueError(
+                "train.init_from / train.mtp_init_from_first: MMRPT runs start from mmrpt.init_from "
+                "(these fields are pretraining's)"
+            )
 
 
 # where a section belongs, for the error a misplaced one gets

@@ -11,16 +11,21 @@ megatron_step.training.checkpoint (atomic saves, resume), megatron_step.training
 
 from __future__ import annotations
 
+import torch
+
 from megatron_step import platform
 from megatron_step.config.run import PretrainConfig
 from megatron_step.data.pipeline import prepare_datasets
+from megatron_step.models.step_flash.layers import copy_first_mtp_module
 from megatron_step.training import checkpoint
+from megatron_step.training.config import TrainConfig
 from megatron_step.training.dry_run import memory_estimate
 from megatron_step.training.lm import LMTrainer
 from megatron_step.training.monitor import Monitor, is_logging_rank, run_banner
 from megatron_step.training.setup import build_model_and_optimizer
+from megatron_step.training.step import dp_sum
 
-__all__ = ["dry_run", "due", "pretrain", "text_datasets"]
+__all__ = ["dry_run", "due", "pretrain", "start_state", "text_datasets"]
 
 
 def due(interval: int | None, step: int) -> bool:
@@ -54,6 +59,24 @@ def _log(monitor: Monitor, step: int, steps: int, m: dict, log_interval: int) ->
         monitor.message(f"step {step}: validation loss {m['val/lm_loss']:.4f}")
 
 
+def start_state(t: TrainConfig, chunks, optimizer, scheduler) -> tuple[int, dict]:
+    """Where a pretraining run starts: (the step, what it loaded, for run_info.json). `resume` with a
+    checkpoint of the run's own continues it (optimizer, schedule, data position); else `init_from`
+    loads another run's model weights (a new phase, step 0), and `mtp_init_from_first` then copies
+    MTP module 1 into modules 2..K (the report's MTP staging); else nothing (step 0, initial weights)."""
+    if t.resume and checkpoint.latest_step(t.run_dir) is not None:
+        return checkpoint.load_checkpoint(t.run_dir, chunks, optimizer, scheduler)["step"], {}
+    if not t.init_from:
+        return 0, {}
+    init = {"init_from": f"{t.init_from} step {checkpoint.load_model_weights(t.init_from, chunks)}"}
+    if t.mtp_init_from_first:
+        # collective: the world -- the tensors copied on every rank (the MTP stage's ranks hold them)
+        (n,) = dp_sum([copy_first_mtp_module(chunks)], group=torch.distributed.group.WORLD)
+        init["mtp_init_from_first"] = f"{int(n)} tensors of MTP modules 2..K copied from module 1"
+    optimizer.reload_model_params()  # the optimizer's main copies follow the loaded weights
+    return 0, init
+
+
 def pretrain(cfg: PretrainConfig, datasets=None) -> dict:
     """Train per `cfg`; returns {"losses": [...], "val_loss", "val_curve": [(step, loss)],
     "optimizer_step_ms", "step_ms" (per step), "steps", "start", "run_dir"}. The weights are in the
@@ -64,11 +87,9 @@ def pretrain(cfg: PretrainConfig, datasets=None) -> dict:
     model = cfg.model_config()
     train_ds, valid_ds, data_info = (*(datasets or text_datasets(cfg)), {})[:3]
     chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
-    start = 0
-    if t.resume and checkpoint.latest_step(t.run_dir) is not None:
-        start = checkpoint.load_checkpoint(t.run_dir, chunks, optimizer, scheduler)["step"]
+    start, init = start_state(t, chunks, optimizer, scheduler)
     monitor = Monitor(t.run_dir, t.steps, start, enabled=is_logging_rank())
-    info = dict(resumed_from_step=start, data=data_info, model=model.__dict__)
+    info = dict(resumed_from_step=start, **init, data=data_info, model=model.__dict__)
     monitor.banner(run_banner(env, cfg.to_dict(), **info))
     lm = LMTrainer(chunks, optimizer, scheduler, model, t, cfg.data.seq_length, env.world_size)
     out = {"losses": [], "val_loss": None, "val_curve": [], "optimizer_step_ms": [], "step_ms": []}

@@ -4,6 +4,7 @@ crash-safe checkpoints, 2-process parity, layout dry-run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from megatron_step import platform
-from megatron_step.config.run import load_run_config
-from megatron_step.stages.pretrain import dry_run, pretrain
+from megatron_step.config.run import RLRunConfig, load_run_config
+from megatron_step.stages.pretrain import dry_run, pretrain, start_state
 from megatron_step.testing import run_distributed
 from megatron_step.testing.golden import read_run
 from megatron_step.training import checkpoint
@@ -148,6 +149,92 @@ def test_two_process_dp_matches_one_process(data_dir, golden_run, tmp_path, monk
     )
     curve = next(r["losses"] for r in two if r["losses"])
     assert curve == pytest.approx([one[s] for s in range(1, 5)], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MTP staging: MTP-1 alone, then MTP-2/3 from it (train.init_from + train.mtp_init_from_first)
+# ---------------------------------------------------------------------------------------------------
+MTP1_ALONE = ("model.mtp_loss_weights=[0.3,0.0,0.0]",)
+JOINT = ("model.mtp_loss_weights=[0.1,0.09,0.081]", "train.steps=1")
+
+
+@pytest.fixture(scope="module")
+def mtp1_run(embedded_data, tmp_path_factory):
+    """Phase 1: 20 steps with only MTP-1 in the loss (MTP-2/3 keep their initial weights)."""
+    run_dir = str(tmp_path_factory.mktemp("mtp1") / "run")
+    run_distributed(train, 1, embedded_data, run_dir, ("train.steps=20", *MTP1_ALONE))
+    return run_dir
+
+
+def staged_start(rank, world_size, data_dir, run_dir, extra=()):
+    """Build as a pretraining run does and start it (start_state): what it recorded, and this rank's
+    MTP parameters as {(module, name): tensor}."""
+    cfg = config(data_dir, run_dir, *extra)
+    chunks, opt, sched = _built(data_dir, run_dir, extra)
+    start, info = start_state(cfg.train, chunks, opt, sched)
+    mtp = {}
+    for c in chunks:
+        for n, p in c.module.named_parameters():
+            if m := re.search(r"mtp\.layers\.(\d+)\.(.+)$", n):
+                mtp[(int(m.group(1)), m.group(2))] = p.detach().clone()
+    return start, info, mtp
+
+
+@pytest.mark.parametrize("layout", ["one", "tp2", "pp2"])
+def test_mtp_staging_copies_mtp_1_into_mtp_2_and_3(layout, mtp1_run, embedded_data, tmp_path):
+    """After the copy every MTP module equals module 1 on the ranks that hold them (under TP each
+    shard; under PP only the last stage holds MTP); without it they differ (module 2/3 untrained)."""
+    world, par = {"one": (1, ()), "tp2": (2, ("parallel.tp=2",)), "pp2": (2, ("parallel.pp=2",))}[layout]
+    extra = (*JOINT, *par, f"train.init_from={mtp1_run}")
+    staged = run_distributed(
+        staged_start, world, embedded_data, str(tmp_path / "s"), (*extra, "train.mtp_init_from_first=true")
+    )
+    held = [mtp for _, _, mtp in staged if mtp]
+    assert len(held) == (1 if layout == "pp2" else world)
+    for start, info, _ in staged:
+        assert start == 0 and info["init_from"] == f"{mtp1_run} step 20"
+        assert info["mtp_init_from_first"].startswith(f"{len(held) * len(held[0]) * 2 // 3} tensors")
+    for mtp in held:
+        assert {k for k, _ in mtp} == {0, 1, 2}
+        for (k, name), p in mtp.items():
+            assert torch.equal(p, mtp[(0, name)]), (k, name)
+    one_process = (*JOINT, f"train.init_from={mtp1_run}")
+    (plain,) = run_distributed(staged_start, 1, embedded_data, str(tmp_path / "p"), one_process)
+    mtp = plain[2]
+    differ = [n for (k, n), p in mtp.items() if k == 1 and not torch.equal(p, mtp[(0, n)])]
+    assert len(differ) > len(mtp) // 6 and "mtp_init_from_first" not in plain[1]
+
+
+def test_mtp_staging_starts_the_joint_phase_with_trained_mtp_2_and_3(mtp1_run, embedded_data, tmp_path):
+    """The joint phase's first MTP-2/3 losses: from MTP-1's weights far below those of the untrained
+    modules the same phase starts with without the copy."""
+    joint = (*JOINT, f"train.init_from={mtp1_run}")
+    losses = {}
+    for arm, more in (("staged", ("train.mtp_init_from_first=true",)), ("plain", ())):
+        run_distributed(train, 1, embedded_data, str(tmp_path / arm), (*joint, *more))
+        curves = read_run(str(tmp_path / arm), ["train/mtp_1_loss", "train/mtp_2_loss", "train/mtp_3_loss"])
+        losses[arm] = {k: v[1] for k, v in curves.items()}
+    s, p = losses["staged"], losses["plain"]
+    assert s["train/mtp_1_loss"] == pytest.approx(p["train/mtp_1_loss"], rel=1e-6), losses  # same MTP-1
+    for d in (2, 3):
+        assert s[f"train/mtp_{d}_loss"] < p[f"train/mtp_{d}_loss"] - 0.3, losses
+
+
+def test_train_init_from_is_pretrainings_own():
+    with pytest.raises(ValueError, match="needs train.init_from"):
+        load_run_config("examples/tiny/tiny.yaml", ["train.mtp_init_from_first=true"])
+    with pytest.raises(ValueError, match="needs >= 2 MTP modules"):
+        load_run_config(
+            "examples/tiny/tiny.yaml",
+            [
+                "train.init_from=x",
+                "train.mtp_init_from_first=true",
+                "model.mtp_num_layers=1",
+                "model.mtp_loss_weights=[0.3]",
+            ],
+        )
+    with pytest.raises(ValueError, match="RL runs start from rl.init_from"):
+        load_run_config("examples/rl/rl_tiny.yaml", ["train.init_from=x"], RLRunConfig)
 
 
 def test_dry_run_of_the_report_layout_on_4096_gpus():

@@ -10,6 +10,7 @@ N attention heads on this TP rank, D head_dim, F FFN width on this TP rank.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,34 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
+
+
+_MTP_PARAM = re.compile(r"(^|\.)mtp\.layers\.(\d+)\.(.+)$")
+
+
+def copy_first_mtp_module(chunks) -> int:
+    """Copy MTP module 1's parameters into modules 2..K, in place, on every rank that holds them (the
+    report's MTP staging: MTP-2/3 start from a trained MTP-1). Megatron-Core builds every MTP module
+    on one pipeline stage (the last) with the same TP shards, so the copy is local. Returns the
+    number of tensors copied (0 on ranks without MTP modules)."""
+    n = 0
+    for chunk in chunks:
+        params = dict(chunk.named_parameters())
+        first = {}
+        for name, p in params.items():
+            m = _MTP_PARAM.search(name)
+            if m and m.group(2) == "0":
+                first[m.group(3)] = p
+        for name, p in params.items():
+            m = _MTP_PARAM.search(name)
+            if m and m.group(2) != "0":
+                src = first.get(m.group(3))
+                if src is None or src.shape != p.shape:
+                    raise ValueError(f"MTP staging: {name} has no counterpart of its shape in MTP module 1")
+                with torch.no_grad():
+                    p.copy_(src)
+                n += 1
+    return n
 
 
 def weight_mtp_depths(mtp_block: torch.nn.Module, weights: list[float], base_scale: float) -> None:
