@@ -47,8 +47,8 @@ def reference(request, tmp_path_factory):
 
 
 def _layouts(manifold):
-    if manifold == "frobenius":
-        return [{}, {"tp": 2}, {"ep": 2}]
+    if manifold == "frobenius":  # DP = 2 (the layer-wise optimizer's sharding alone) under EP's DP group
+        return [{"tp": 2}, {"ep": 2}]
     return [{"tp": 2}]  # the path where the manifold's own reductions (norms, power iteration) are gathered
 
 

@@ -342,7 +342,7 @@ def test_speculative_rollouts_match_one_process(name, reference, tmp_path):
     _same_weights(reference, "plain", str(tmp_path))
 
 
-@pytest.mark.parametrize("kw", [{}, {"pp": 2}], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("kw", [pytest.param({}, marks=pytest.mark.slow), {"pp": 2}], ids=["dp2", "pp2"])
 def test_actor_minibatches_update_as_one_process(kw, reference, tmp_path):
     """rl.actor_minibatches = 2: the step's rollouts split into 2 minibatches by (group x G + j) mod 2,
     one optimizer step each with pi_old fixed before the first -- the second minibatch's PPO ratio
@@ -358,6 +358,7 @@ def test_actor_minibatches_update_as_one_process(kw, reference, tmp_path):
     _same_weights(ref, "minibatches", out)
 
 
+@pytest.mark.slow
 def test_pp2_without_mtp_matches_one_process(tmp_path):
     """A model without MTP modules under PP = 2 (the last stage holds only decoder layers and the head)."""
     cfg = dataclasses.replace(_model_cfg(), mtp_num_layers=0, mtp_loss_weights=[])
@@ -376,7 +377,7 @@ def _mtp_cfg(weight: float):
     return dataclasses.replace(_model_cfg(), mtp_loss_weights=[weight] * _model_cfg().mtp_num_layers)
 
 
-@pytest.mark.parametrize("kw", [{}, {"pp": 2}], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("kw", [pytest.param({}, marks=pytest.mark.slow), {"pp": 2}], ids=["dp2", "pp2"])
 def test_mtp_trained_in_rl_updates_as_one_process(kw, tmp_path):
     """rl.mtp_loss_weight > 0: the MTP depths train on the sampled responses -- their weights move
     (with weight 0 they do not), their losses and draft accuracy are logged, and DP2 / PP2 (MTP on
@@ -441,7 +442,15 @@ def test_rollouts_and_one_update_match_one_process_on_four_ranks(kw, reference, 
     _same_weights(reference, "plain", str(tmp_path))
 
 
-@pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}, {"tp": 2}], ids=["ep2", "pp2", "tp2_sp"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"ep": 2},
+        pytest.param({"pp": 2}, marks=pytest.mark.slow),
+        pytest.param({"tp": 2}, marks=pytest.mark.slow),
+    ],
+    ids=["ep2", "pp2", "tp2_sp"],
+)
 def test_e3rl_rollouts_with_erasures_match_one_process(kw, reference, tmp_path):
     want = reference["e3rl"]["res"]
     erasures = [x[2] for x in want["sampled"]]
@@ -466,7 +475,9 @@ def test_erl_tool_rollouts_with_rollbacks_match_one_process(kw, reference, tmp_p
         assert max(got["idle_forwards"]) > 0, got["idle_forwards"]  # uneven work: lockstep padding ran
 
 
-@pytest.mark.parametrize("kw", [{"ep": 2}, {"pp": 2}], ids=["ep2", "pp2"])
+@pytest.mark.parametrize(
+    "kw", [pytest.param({"ep": 2}, marks=pytest.mark.slow), {"pp": 2}], ids=["ep2", "pp2"]
+)
 def test_kl_to_a_reference_model_updates_as_one_process(kw, reference, tmp_path):
     """rl.loss.kl_coef > 0: the frozen reference model (resharded to the layout) gives the same
     pi_ref, KL metric, loss and weights as one process."""
@@ -687,6 +698,7 @@ def _torchrun(args: list[str], timeout: int = 900) -> subprocess.CompletedProces
     return res
 
 
+@pytest.mark.slow  # the default suite runs train_rl through torchrun under EP=2 (the test below)
 def test_two_dp_ranks_reproduce_the_one_process_golden_rl_run(golden_run, tmp_path):
     """The golden sync RL run (tests/golden/runs.py: 6 MIS-PO steps from its warm-up checkpoint) on 2
     DP ranks through torchrun: every scalar matches the 1-process run."""
@@ -719,8 +731,10 @@ def test_a_reward_failing_on_one_rank_only_completes_under_ep2(golden_run, tmp_p
     padding microbatches (the expert-parallel group spans both ranks) and the run completes."""
     work = golden_run("rl_sync")
     run = golden_runs.BY_NAME["rl_sync"]
-    args = [a.format(work=work) for a in run.overrides if not a.startswith(("train.run_dir", "train.steps"))]
-    extra = ["parallel.ep=2", "train.steps=2", "rl.reward_fn=tests.rl.test_rl_layouts:fails_on_rank_one"]
+    own = ("train.run_dir", "train.steps", "train.eval_interval")
+    args = [a.format(work=work) for a in run.overrides if not a.startswith(own)]
+    extra = ["parallel.ep=2", "train.steps=2", "train.eval_interval=0"]
+    extra.append("rl.reward_fn=tests.rl.test_rl_layouts:fails_on_rank_one")
     _torchrun(["posttrain/train_rl.py", "--config", run.config, *args, *extra, f"train.run_dir={tmp_path}"])
     got = read_run(str(tmp_path), ["rl/reward_failed", "policy/padding_microbatches"])
     # per step: rank 1's 1 prompt x 4 samples fail, rank 0's 4 score (DP mean (4 + 0) / 2); rank 1
@@ -776,7 +790,7 @@ def test_length_buckets_give_the_one_batch_rollouts_in_fewer_steps():
     assert r["buckets"]["steps"] < r["one"]["steps"] / 2, (r["buckets"]["steps"], r["one"]["steps"])
 
 
-@pytest.mark.parametrize("kw", [{}, {"ep": 2}], ids=["dp2", "ep2"])
+@pytest.mark.parametrize("kw", [pytest.param({}, marks=pytest.mark.slow), {"ep": 2}], ids=["dp2", "ep2"])
 def test_macro_in_the_layer_wise_optimizer_updates_as_one_process(kw, reference, tmp_path):
     """One RL update with MACRO (Frobenius sphere; whole matrices per DP rank in Megatron-Core's
     LayerWiseDistributedOptimizer, expert matrices in the expert-parallel groups) equals one process."""

@@ -94,6 +94,7 @@ def test_sync_run_logs_the_rl_scalars(dirs):
     assert 0 < min(curves["routing/confidence_train"].values()) <= 1
 
 
+@pytest.mark.slow  # make test-all; the cap: test_rollouts_beyond_max_staleness_are_dropped_and_counted
 def test_async_with_a_flaky_reward_respects_the_staleness_cap(dirs):
     run_dir = str(dirs["root"] / "async")
     extra = (
@@ -162,6 +163,7 @@ def test_exact_staleness_fixes_each_step_s_staleness_whatever_the_timing(dirs):
     assert abs(gap[1]) < 1e-4 and abs(gap[4]) > 10 * abs(gap[1]) and abs(gap[4]) > 1e-5, gap
 
 
+@pytest.mark.slow  # make test-all; the default suite checks exact staleness in one process
 def test_exact_staleness_under_two_dp_ranks_matches_one_process(dirs):
     """Async RL with rl.exact_staleness (k = 1) on two DP ranks -- a replica and a generation thread
     per rank, the step-global loss mean across them -- follows the 1-process run step for step."""
@@ -190,6 +192,7 @@ def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     assert padded < same - 0.05  # longer than the reference: penalised (and no better on the RM)
 
 
+@pytest.mark.slow  # make test-all; E3RL in the stage: the rl_e3rl golden run (tests/test_golden.py)
 def test_e3rl_rollouts_train_and_log_erasure_metrics(dirs):
     run_dir = str(dirs["root"] / "e3rl")
     extra = (

@@ -83,6 +83,7 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
         assert torch.equal(p, b[name]), name
 
 
+@pytest.mark.slow  # make test-all; the default suite resumes bit-exactly in one process
 def test_macro_layer_wise_resume_on_two_ranks(data_dir, tmp_path):
     """MACRO under the layer-wise distributed optimizer (+ ZeRO-1 AdamW for the rest), DP=2: its
     momentum goes through dist-checkpointing; the radius is re-read from W (fp32 rounding)."""
@@ -134,6 +135,7 @@ def test_kill_9_during_save_keeps_previous_checkpoint(data_dir, tmp_path):
     assert out == {"step": 2, "finite": True}
 
 
+@pytest.mark.slow  # make test-all; DP = 2 steps == 1 process: tests/platform, tests/models
 def test_two_process_dp_matches_one_process(data_dir, golden_run, tmp_path, monkeypatch):
     """DP=2 (distributed optimizer over 2 ranks) follows the 1-process golden pretraining run (the
     same config and kernels, tests/golden/runs.py) step for step."""
@@ -180,11 +182,11 @@ def staged_start(rank, world_size, data_dir, run_dir, extra=()):
     return start, info, mtp
 
 
-@pytest.mark.parametrize("layout", ["one", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_mtp_staging_copies_mtp_1_into_mtp_2_and_3(layout, mtp1_run, embedded_data, tmp_path):
     """After the copy every MTP module equals module 1 on the ranks that hold them (under TP each
     shard; under PP only the last stage holds MTP); without it they differ (module 2/3 untrained)."""
-    world, par = {"one": (1, ()), "tp2": (2, ("parallel.tp=2",)), "pp2": (2, ("parallel.pp=2",))}[layout]
+    world, par = {"tp2": (2, ("parallel.tp=2",)), "pp2": (2, ("parallel.pp=2",))}[layout]
     extra = (*JOINT, *par, f"train.init_from={mtp1_run}")
     staged = run_distributed(
         staged_start, world, embedded_data, str(tmp_path / "s"), (*extra, "train.mtp_init_from_first=true")
