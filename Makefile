@@ -44,7 +44,7 @@ format: install
 # The main job: embedded corpus -> tokenizer -> indexed data -> tiny Step 3.5 Flash pretraining
 # (300 steps on CPU), TensorBoard logs and checkpoints under runs/tiny.
 demo: install
-	$(PY) pretrain/pretrain_step.py --config examples/tiny/tiny.yaml
+	$(PY) pretrain/pretrain_step.py --config examples/tiny/tiny.yaml train.overwrite=true
 
 # The platform demo: one small MoE GPT under 1 process, TP=2 and DP=2 with matching loss curves.
 demo-platform: install

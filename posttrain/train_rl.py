@@ -15,6 +15,7 @@ The stage: megatron_step/stages/rl.py; losses (GRPO/TIS/MIS-PO): megatron_step/r
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 # Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
@@ -23,19 +24,24 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 from megatron_step import platform  # noqa: E402
 from megatron_step.config.run import RLRunConfig, cli_run_config  # noqa: E402
 from megatron_step.stages.rl import train_rl  # noqa: E402
+from megatron_step.training.checkpoint import RunDirError  # noqa: E402
 
 
 def main(argv=None) -> dict:
     cfg, _ = cli_run_config("Step 3.5 Flash off-policy RL (Megatron-Core)", argv, RLRunConfig)
     try:
         out = train_rl(cfg)
+    except (RunDirError, FloatingPointError) as e:  # the run directory / too many inf-nan steps
+        sys.exit(f"run error: {e}")
     finally:
         platform.teardown()
-    (s0, a0), (s1, a1) = out["accuracy"][0], out["accuracy"][-1]
+    acc = out["accuracy"]  # a resumed run has no step-0 evaluation; an early stop may have none after it
+    held = "not evaluated"
+    if acc:
+        held = f"{acc[0][1]:.3f} (step {acc[0][0]}) -> {acc[-1][1]:.3f} (step {acc[-1][0]})"
     print(
-        f"done: held-out accuracy {a0:.3f} (step {s0}) -> {a1:.3f} (step {s1}); "
-        f"reward failures {out['reward_failures']}; max staleness {max(out['staleness'], default=0)}; "
-        f"run dir {out['run_dir']}"
+        f"done: held-out accuracy {held}; reward failures {out['reward_failures']}; "
+        f"max staleness {max(out['staleness'], default=0)}; run dir {out['run_dir']}"
     )
     return out
 

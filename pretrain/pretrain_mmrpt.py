@@ -18,6 +18,7 @@ mmrpt.vision.<field>, mmrpt.loss.<field>). The stage: megatron_step/stages/mmrpt
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 # Megatron-Core announces missing TE/apex when it is imported; on CPU that is expected.
@@ -26,14 +27,20 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 from megatron_step import platform  # noqa: E402
 from megatron_step.config.run import MMRPTRunConfig, cli_run_config  # noqa: E402
 from megatron_step.stages.mmrpt import train_mmrpt  # noqa: E402
+from megatron_step.training.checkpoint import RunDirError  # noqa: E402
 
 
 def main(argv=None) -> dict:
     cfg, _ = cli_run_config("MMRPT masked multimodal RL pretraining (Megatron-Core)", argv, MMRPTRunConfig)
     try:
         out = train_mmrpt(cfg)
+    except (RunDirError, FloatingPointError) as e:  # the run directory / too many inf-nan steps
+        sys.exit(f"run error: {e}")
     finally:
         platform.teardown()
+    if "end" not in out:  # train.exit_after: stopped with a checkpoint before the last step
+        print(f"stopped after step {out['exited_at']} (train.exit_after); run dir {cfg.train.run_dir}")
+        return out
     a, b = out["start"], out["end"]
     print(
         f"done ({out['objective']}): held-out attribute accuracy {a.get('attribute_accuracy', 0):.3f} -> "

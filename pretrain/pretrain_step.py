@@ -33,18 +33,24 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 from megatron_step import platform  # noqa: E402
 from megatron_step.config.run import PretrainConfig, cli_run_config  # noqa: E402
 from megatron_step.stages.pretrain import dry_run, pretrain  # noqa: E402
+from megatron_step.training.checkpoint import RunDirError  # noqa: E402
 from megatron_step.training.dry_run import format_report  # noqa: E402
 
 
 def _args(ap):
-    ap.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoints/latest")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <run_dir>'s newest checkpoint (train.resume=auto)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU")
     ap.add_argument("--world-size", type=int, help="for --dry-run: number of GPUs")
 
 
 def main(argv=None) -> dict | None:
     cfg, args = cli_run_config("Step 3.5 Flash text pretraining (Megatron-Core)", argv, PretrainConfig, _args)
-    cfg.train.resume = cfg.train.resume or args.resume
+    if args.resume:
+        cfg.train.resume = "auto"
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
@@ -54,6 +60,8 @@ def main(argv=None) -> dict | None:
         return None
     try:
         result = pretrain(cfg)
+    except (RunDirError, FloatingPointError) as e:  # the run directory / too many inf-nan steps
+        sys.exit(f"run error: {e}")
     finally:
         platform.teardown()
     if result["losses"]:

@@ -67,13 +67,19 @@ def caption_step(
     rng: random.Random,
     fill_in: float,
     mbs: int,
+    guard=None,
 ) -> dict:
-    """One optimizer step of next-token loss on `samples` in the warm-up's mixture of formats."""
+    """One optimizer step of next-token loss on `samples` in the warm-up's mixture of formats
+    (`guard`: training.step.SkipGuard, counts and limits steps skipped for inf/nan gradients)."""
     seqs = caption_sequences(codec, samples, rng, fill_in)
     batch = lm_batch(seqs, images_of(samples), codec.visual[1], codec.tok.pad)
     n = batch["tokens"].shape[0]
     micro = [to_device({k: v[i : i + mbs] for k, v in batch.items()}) for i in range(0, n, mbs)]
     result = train_step(
-        chunks, optimizer, scheduler, micro, seq_length=batch["tokens"].shape[1], micro_batch_size=mbs
-    )
-    return {"train/lm_loss": result.mean("lm_loss"), "train/grad_norm": float(result.grad_norm or 0.0)}
+        chunks, optimizer, scheduler, micro, seq_length=batch["tokens"].shape[1], micro_batch_size=mbs,
+        guard=guard,
+    )  # fmt: skip
+    out = {"train/lm_loss": result.mean("lm_loss"), "train/grad_norm": float(result.grad_norm or 0.0)}
+    if guard is not None:
+        out["train/skipped_iterations"] = float(guard.total)
+    return out

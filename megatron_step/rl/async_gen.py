@@ -51,6 +51,8 @@ class AsyncGenerator:
         micro_batch_size: int,
         replay: bool = True,
         exact: bool = False,
+        first_batch: int = 0,
+        version: int = 0,
     ):
         if ahead < 0:
             raise ValueError(f"rl.max_ahead={ahead}: must be >= 0")
@@ -67,20 +69,22 @@ class AsyncGenerator:
         if missing:
             raise RuntimeError(f"inference replica has tensors the trainer lacks: {sorted(missing)[:3]}")
         self.lock = threading.Lock()  # held while generating and while syncing
-        self.version, self.error = 0, None
+        # a resumed run starts at its step's batch with its version (the queue starts empty: the
+        # first `ahead` steps after a resume are fresher than in the uninterrupted run)
+        self.version, self.error, self.first_batch = version, None, first_batch
         self.stats: dict[int, dict] = {}  # rollout batch -> its sampling metrics
         self.produced = threading.Condition()  # notified when a batch is in the buffer
-        self.n_produced = 0
+        self.n_produced = first_batch
         self.stop = threading.Event()
-        self.sync(0)
+        self.sync(version, wait=False)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def sync(self, version: int) -> float:
+    def sync(self, version: int, wait: bool = True) -> float:
         """Copy the trainer's weights into the replica; they are now policy `version`. Seconds taken
         (in exact mode including the wait for the batch the previous version still has to sample)."""
         t0 = time.perf_counter()
-        if self.exact and version > 0:
+        if self.exact and wait:
             with self.produced:
                 while self.n_produced < version + self.ahead:
                     if self.error is not None:
@@ -95,7 +99,7 @@ class AsyncGenerator:
     def _run(self):
         s = self.sampler
         try:
-            batch = 0
+            batch = self.first_batch
             while not self.stop.is_set():
                 if batch - self.version > self.ahead:  # batch b waits for version b - ahead
                     time.sleep(0.01)

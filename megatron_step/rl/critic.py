@@ -57,7 +57,7 @@ from megatron_step.rl.buffer import Rollout
 from megatron_step.rl.policy import Microbatches, normalize_step
 from megatron_step.training import checkpoint
 from megatron_step.training.setup import build_model_and_optimizer
-from megatron_step.training.step import dp_sum, forward_backward, from_last_stage, train_step
+from megatron_step.training.step import SkipGuard, dp_sum, forward_backward, from_last_stage, train_step
 
 F32 = torch.float32
 
@@ -254,10 +254,19 @@ class Critic:
         self.forward_step = _make_value_step(cfg.value_clip)
         self._targets: dict[int, tuple[list[float], list[float]]] = {}  # id(rollout) -> (V_old, G)
         self.loaded = ""  # what the weights were loaded from (the run banner)
+        self.guard = SkipGuard(3, "the critic update")  # inf/nan steps skipped (Critic.build: the limit)
 
     @classmethod
     def build(
-        cls, model_cfg, parallel, optim, cfg: CriticConfig, steps: int, micro_batch_size: int, policy_dir
+        cls,
+        model_cfg,
+        parallel,
+        optim,
+        cfg: CriticConfig,
+        steps: int,
+        micro_batch_size: int,
+        policy_dir,
+        max_skipped: int = 3,
     ):
         """Build in `parallel`'s layout (every rank) and load per `cfg.init_from` (class docstring);
         `policy_dir`: the run directory the policy starts from. `steps`: RL steps (the schedule runs
@@ -271,6 +280,7 @@ class Critic:
             mcfg, parallel, o, steps * cfg.minibatches, build=lambda v: build_critic_model(mcfg, parallel, v)
         )
         critic = cls(chunks, optimizer, scheduler, cfg, micro_batch_size)
+        critic.guard.limit = max_skipped
         critic.loaded = load_critic(cfg.init_from, policy_dir, chunks, optimizer)
         return critic
 
@@ -394,6 +404,7 @@ class Critic:
             self.scheduler,
             micro,
             forward_step=self.forward_step,
+            guard=self.guard,
             **self.batches.shape(micro),
         )
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
@@ -407,11 +418,24 @@ class Critic:
         }
         out = from_last_stage(local)
         out["critic/grad_norm"] = float(result.grad_norm or 0.0)
+        out["critic/skipped_iterations"] = float(self.guard.total)
         return out
 
-    def save(self, run_dir: str, step: int) -> None:
+    def save(self, run_dir: str, step: int, keep_last: int = 0) -> None:
         """The critic's checkpoint (weights, optimizer, schedule) under <run_dir>/critic."""
-        checkpoint.save_checkpoint(critic_dir(run_dir), step, self.chunks, self.optimizer, self.scheduler, {})
+        checkpoint.save_checkpoint(
+            critic_dir(run_dir), step, self.chunks, self.optimizer, self.scheduler, {}, keep_last=keep_last
+        )
+
+    def resume(self, run_dir: str, step: int) -> None:
+        """Continue from the run's own critic checkpoint of `step` (the policy's RNG is kept)."""
+        path = checkpoint.checkpoint_dir(critic_dir(run_dir), step)
+        bad = checkpoint.verify(path, crc=False)  # every rank checks: sizes only
+        if bad is not None:
+            raise FileNotFoundError(f"resuming the policy at step {step} needs its critic: {bad}")
+        checkpoint.load_checkpoint(
+            critic_dir(run_dir), self.chunks, self.optimizer, self.scheduler, step, rng=False
+        )
 
 
 def critic_dir(run_dir: str) -> str:

@@ -73,6 +73,7 @@ from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_step.rl.lockstep import Lockstep, keyed_uniforms
 from megatron_step.rl.routing_confidence import RouterConfidence
+from megatron_step.training.faults import crash_point
 
 
 @dataclass
@@ -507,6 +508,7 @@ class Engine:
             extra = {} if images is None else {"images": images.to(self.device)}
             logits = self.forward(cache, prefix, routing, **extra)[:, -1]
             self.stats["prefill_tokens"] += b * lo
+            crash_point("rollout")  # a crash drill's kill mid-rollout (megatron_step.training.faults)
             pos = lo  # position of the token chosen next
             while True:
                 row_keys = [(*keys[i], len(out[i].response_ids), 0) for i in range(b)]

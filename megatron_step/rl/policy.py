@@ -53,7 +53,7 @@ from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.losses import PolicyLossConfig, group_advantages, policy_loss
 from megatron_step.rl.routing_confidence import RouterConfidence
 from megatron_step.training import checkpoint
-from megatron_step.training.step import dp_sum, forward_backward, from_last_stage, train_step
+from megatron_step.training.step import SkipGuard, dp_sum, forward_backward, from_last_stage, train_step
 
 
 def pack(
@@ -303,6 +303,7 @@ class PolicyUpdate:
         reference=None,
         routing_confidence: str = "off",
         minibatches: int = 1,
+        max_skipped: int = 3,
     ):
         if minibatches < 1:
             raise ValueError(f"rl.actor_minibatches={minibatches}: must be >= 1")
@@ -317,7 +318,7 @@ class PolicyUpdate:
             index_routers(self.reference)
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.forward_step, self.loss = make_forward_step(loss), loss
-        self.skipped = 0  # updates the optimizer skipped (inf/nan under a loss scaler)
+        self.guard = SkipGuard(max_skipped, "the RL policy update")  # inf/nan steps skipped and counted
         self.batches = Microbatches(chunks, micro_batch_size, replay)
         self.padded = 0  # padding microbatches run so far (ranks with fewer trainable rollouts)
         index_routers([c.module for c in chunks])  # routing lists span this rank's chunks
@@ -436,10 +437,10 @@ class PolicyUpdate:
                     self.scheduler,
                     micro,
                     forward_step=self.forward_step,
+                    guard=self.guard,
                     **self.batches.shape(micro),
                 )
             mtp = self._mtp_metrics(sum(not b.get("padding") for b in micro))
-            self.skipped += not result.update_successful
             self._step_units = units
             # the loss' metrics live on the last pipeline stage: every stage logs them (collective, PP group)
             per_step.append(from_last_stage({**self._step_metrics(micro, result, n), **mtp}))
@@ -456,7 +457,7 @@ class PolicyUpdate:
             {
                 "train/grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
                 "train/tokens_per_sec": n_tok / dt,
-                "train/skipped_iterations": float(self.skipped),
+                "train/skipped_iterations": float(self.guard.total),
                 "policy/padding_microbatches": float(self.padded),
             }
         )

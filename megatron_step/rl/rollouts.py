@@ -68,6 +68,12 @@ def _same_data_group():
     return group if dist.get_world_size(group) > 1 else None
 
 
+def _as_rng_state(state) -> tuple:
+    """random.Random's state as `setstate` takes it (a checkpoint may give lists for its tuples)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def group_rollouts(rollouts: list[Rollout]) -> list[list[Rollout]]:
     """Rollouts grouped by prompt group, in the order the groups first appear."""
     groups: dict[int, list[Rollout]] = {}
@@ -137,6 +143,23 @@ class RolloutSampler:
                 f"rl.rollout=e3rl with rl.task={rl.task!r}, a tool task: use rl.rollout=plain or erl"
             )
         self.erl = rl.erl if rl.rollout == "erl" else dataclasses.replace(rl.erl, max_rollbacks=0)
+
+    # -- checkpointed state (megatron_step.stages.rl: exact resume) --------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        """(what every rank shares: the prompt stream's position; this rank's own counters)."""
+        return {"prompt_rng": self.rng.getstate()}, {
+            "failed": self.failed,
+            "tokens_sampled": self.tokens_sampled,
+        }
+
+    def load_state(self, shared: dict, own: dict | None, tokens_sampled_mean: float = 0.0) -> None:
+        """Restore `state()`; `own` None (the checkpoint was written with another world size): the
+        counters restart from the DP mean the run logged, so rl.max_tokens_sampled still holds."""
+        self.rng.setstate(_as_rng_state(shared["prompt_rng"]))
+        if own is None:
+            self.failed, self.tokens_sampled = 0, int(round(tokens_sampled_mean))
+        else:
+            self.failed, self.tokens_sampled = int(own["failed"]), int(own["tokens_sampled"])
 
     def rollouts(
         self, prompts, params: SamplingParams, keys, record_routing=True, rollbacks=True, engine=None

@@ -90,7 +90,8 @@ def sft_config(cfg, run_dir: str):
         # the RL micro-batch size, capped at one DP rank's share of the warm-up batch
         micro_batch_size=math.gcd(cfg.train.micro_batch_size, r.sft_global_batch_size // dp),
         run_dir=run_dir,
-        resume=True,
+        resume="auto",  # the warm-up continues (or reuses) its own checkpoint
+        overwrite=False,
         exit_after=None,
         eval_interval=0,
         save_interval=0,

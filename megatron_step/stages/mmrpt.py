@@ -48,7 +48,7 @@ from megatron_step.rl.policy import PolicyUpdate
 from megatron_step.stages.pretrain import due
 from megatron_step.training import checkpoint
 from megatron_step.training.monitor import Monitor, is_logging_rank, run_banner
-from megatron_step.training.step import dp_mean
+from megatron_step.training.step import SkipGuard, dp_mean
 
 __all__ = ["MMRPTData", "caption_warmup", "load_data", "train_mmrpt"]
 
@@ -88,10 +88,12 @@ def caption_warmup(cfg: MMRPTRunConfig, data: MMRPTData, out_dir: str) -> dict:
     order = random.Random(t.seed).sample(range(len(data.train)), len(data.train))
     rng = random.Random(t.seed + 1)
     monitor = Monitor(out_dir, m.warmup_steps, 0, enabled=is_logging_rank())
+    guard = SkipGuard(t.max_skipped_steps, "the MMRPT caption warm-up")
     losses = []
     for step in range(m.warmup_steps):
         part = _rank_share(step_samples(data.train, order, step, m.batch_size))
-        out = dp_mean(caption_step(*vlm, data.codec, part, rng, m.fill_in_fraction, t.micro_batch_size))
+        out = caption_step(*vlm, data.codec, part, rng, m.fill_in_fraction, t.micro_batch_size, guard)
+        out = dp_mean(out)
         losses.append(out["train/lm_loss"])
         monitor.scalars(step + 1, out)
         monitor.progress(1, {"loss": out["train/lm_loss"]})
@@ -112,9 +114,44 @@ class _Phase:
         checkpoint.load_model_weights(init_from, self.vlm[0], optimizer=self.vlm[1])
         self.model = self.vlm[0][0].module
         self.engine = Engine(self.model, eos_id=data.codec.tok.eos, pad_id=data.codec.tok.pad)
-        self.update = PolicyUpdate(*self.vlm, m.loss, t.micro_batch_size, replay=bool(model.num_experts))
+        self.update = PolicyUpdate(
+            *self.vlm,
+            m.loss,
+            t.micro_batch_size,
+            replay=bool(model.num_experts),
+            max_skipped=t.max_skipped_steps,
+        )
+        self.guard = SkipGuard(t.max_skipped_steps, "the MMRPT caption objective")
         self.order = random.Random(t.seed + 2).sample(range(len(data.train)), len(data.train))
         self.rng = random.Random(t.seed + 3)
+
+    def save(self, step: int, start_eval: dict, history: list) -> None:
+        """The phase's checkpoint at the end of step `step`, with what an exact resume needs: the
+        evaluations and per-step history so far (for result.json) and each rank's caption RNG."""
+        t = self.cfg.train
+        # plain JSON values (the common state is read back with torch.load(weights_only=True))
+        log = json.loads(
+            json.dumps({"start": start_eval, "history": history, "curve": self.curve}, default=float)
+        )
+        extra = {"stage": self.cfg.mmrpt.objective, "log": log}
+        own = {"caption_rng": self.rng.getstate()}
+        checkpoint.save_checkpoint(t.run_dir, step, *self.vlm, extra, rank_state=own, keep_last=t.keep_last)
+
+    def resume(self, step: int) -> tuple[dict, list]:
+        """Continue from the run's checkpoint of `step`; (the start evaluation, the history so far)."""
+        t = self.cfg.train
+        loaded = checkpoint.load_checkpoint(t.run_dir, *self.vlm, step=step)
+        log = loaded["extra"].get("log")
+        if log is None or loaded["rank_state"] is None:
+            raise ValueError(
+                f"{loaded['path']}: not resumable here (written before MMRPT checkpointed its state, or "
+                "under another world size); train.resume=never with train.overwrite=true starts over"
+            )
+        version, internal, gauss = loaded["rank_state"]["caption_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.curve = log["curve"]
+        self.monitor.message(f"resumed from {loaded['path']}")
+        return log["start"], log["history"]
 
     def evaluate(self, step: int) -> dict:
         d, codec = self.data, self.data.codec
@@ -141,7 +178,9 @@ class _Phase:
                 metrics.update(self.update(groups))
         else:
             part = _rank_share(step_samples(d.train, self.order, step, m.batch_size))
-            metrics = caption_step(*self.vlm, d.codec, part, self.rng, m.fill_in_fraction, t.micro_batch_size)
+            metrics = caption_step(
+                *self.vlm, d.codec, part, self.rng, m.fill_in_fraction, t.micro_batch_size, self.guard
+            )
         metrics["mmrpt/step_seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -157,6 +196,7 @@ def train_mmrpt(cfg: MMRPTRunConfig) -> dict:
             f"mmrpt.prompts_per_step({m.prompts_per_step}) and mmrpt.batch_size({m.batch_size}) must be "
             f"divisible by the data-parallel size ({dp})"
         )
+    start = checkpoint.resume_step(t)  # before the warm-up: a run directory holding a run is refused
     data = load_data(cfg)
     init_from, warm = m.init_from or os.path.join(t.run_dir, "warmup"), None
     if checkpoint.latest_step(init_from) is None:
@@ -166,23 +206,28 @@ def train_mmrpt(cfg: MMRPTRunConfig) -> dict:
             )
         warm = caption_warmup(cfg, data, init_from)
         env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
-    monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
+    monitor = Monitor(t.run_dir, t.steps, start or 0, enabled=is_logging_rank())
     phase = _Phase(cfg, data, init_from, monitor)
     info = dict(init_from=init_from, data=data.stats, dependency_layers=data.layers)
-    monitor.banner(run_banner(env, cfg.to_dict(), **info))
-    start_eval, history = phase.evaluate(0), []
-    for step in range(t.steps):
+    monitor.banner(run_banner(env, cfg.to_dict(), resumed_from_step=start or 0, **info))
+    start_eval, history = phase.resume(start) if start else (phase.evaluate(0), [])
+    for step in range(start or 0, t.steps):
         metrics = dp_mean(phase.step(step))
         monitor.scalars(step + 1, metrics)
         history.append({"step": step + 1, **metrics})
         monitor.progress(1, {k: metrics[k] for k in ("mmrpt/reward_total", "train/lm_loss") if k in metrics})
         if due(m.eval_interval, step + 1) and step + 1 < t.steps:
             phase.evaluate(step + 1)
-        if due(t.save_interval, step + 1) and step + 1 < t.steps:  # weights to evaluate or start from
-            checkpoint.save_checkpoint(t.run_dir, step + 1, *phase.vlm, {"stage": m.objective})
+        exiting = t.exit_after is not None and step + 1 >= t.exit_after and step + 1 < t.steps
+        if (due(t.save_interval, step + 1) or exiting) and step + 1 < t.steps:  # weights to evaluate, resume
+            phase.save(step + 1, start_eval, history)
+        if exiting:
+            monitor.message(f"exit_after={t.exit_after}: stopping at step {step + 1} (checkpoint saved)")
+            monitor.close()
+            return dict(objective=m.objective, warmup=warm, start=start_eval, exited_at=step + 1, **info)
     end_eval = phase.evaluate(t.steps)
     monitor.close()
-    checkpoint.save_checkpoint(t.run_dir, t.steps, *phase.vlm, {"stage": m.objective})
+    phase.save(t.steps, start_eval, history)
     result = dict(objective=m.objective, warmup=warm, start=start_eval, end=end_eval, **info)
     result.update(curve=phase.curve, history=history)
     if is_logging_rank():

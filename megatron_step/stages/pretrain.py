@@ -59,13 +59,20 @@ def _log(monitor: Monitor, step: int, steps: int, m: dict, log_interval: int) ->
         monitor.message(f"step {step}: validation loss {m['val/lm_loss']:.4f}")
 
 
-def start_state(t: TrainConfig, chunks, optimizer, scheduler) -> tuple[int, dict]:
-    """Where a pretraining run starts: (the step, what it loaded, for run_info.json). `resume` with a
-    checkpoint of the run's own continues it (optimizer, schedule, data position); else `init_from`
+_ASK = object()  # start_state: look for the run's own checkpoint (resume_step) itself
+
+
+def start_state(t: TrainConfig, chunks, optimizer, scheduler, resume=_ASK) -> tuple[int, dict]:
+    """Where a pretraining run starts: (the step, what it loaded, for run_info.json). `resume` (auto /
+    required) with a checkpoint of the run's own continues it (optimizer, schedule, data position;
+    resume=never refuses a run directory that holds one, unless `overwrite`); else `init_from`
     loads another run's model weights (a new phase, step 0), and `mtp_init_from_first` then copies
     MTP module 1 into modules 2..K (the report's MTP staging); else nothing (step 0, initial weights)."""
-    if t.resume and checkpoint.latest_step(t.run_dir) is not None:
-        return checkpoint.load_checkpoint(t.run_dir, chunks, optimizer, scheduler)["step"], {}
+    # `resume`: the step `checkpoint.resume_step(t)` gave (train.resume / train.overwrite; it refuses
+    # to start over a run), when the caller asked before building anything
+    step = checkpoint.resume_step(t) if resume is _ASK else resume
+    if step is not None:
+        return checkpoint.load_checkpoint(t.run_dir, chunks, optimizer, scheduler, step=step)["step"], {}
     if not t.init_from:
         return 0, {}
     init = {"init_from": f"{t.init_from} step {checkpoint.load_model_weights(t.init_from, chunks)}"}
@@ -84,10 +91,11 @@ def pretrain(cfg: PretrainConfig, datasets=None) -> dict:
     t = cfg.train
     env = platform.setup(cfg.parallel, seed=t.seed)
     cfg.validate(env.world_size)
+    resume = checkpoint.resume_step(t)  # before any work: a run directory holding a run is refused
     model = cfg.model_config()
     train_ds, valid_ds, data_info = (*(datasets or text_datasets(cfg)), {})[:3]
     chunks, optimizer, scheduler = build_model_and_optimizer(model, cfg.parallel, cfg.optim, t.steps)
-    start, init = start_state(t, chunks, optimizer, scheduler)
+    start, init = start_state(t, chunks, optimizer, scheduler, resume)
     monitor = Monitor(t.run_dir, t.steps, start, enabled=is_logging_rank())
     info = dict(resumed_from_step=start, **init, data=data_info, model=model.__dict__)
     monitor.banner(run_banner(env, cfg.to_dict(), **info))
@@ -105,7 +113,9 @@ def pretrain(cfg: PretrainConfig, datasets=None) -> dict:
         out["step_ms"].append(m["train/step_ms"])
         if due(t.save_interval, step + 1) or last or exiting:
             extra = {"consumed_samples": (step + 1) * t.global_batch_size}
-            checkpoint.save_checkpoint(t.run_dir, step + 1, chunks, optimizer, scheduler, extra)
+            checkpoint.save_checkpoint(
+                t.run_dir, step + 1, chunks, optimizer, scheduler, extra, keep_last=t.keep_last
+            )
         if exiting:
             monitor.message(f"exit_after={t.exit_after}: stopping at step {step + 1} (checkpoint saved)")
             break

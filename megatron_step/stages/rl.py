@@ -48,7 +48,7 @@ from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
-from megatron_step.rl.critic import Critic
+from megatron_step.rl.critic import Critic, critic_dir
 from megatron_step.rl.engine import Engine, unwrap_chunks
 from megatron_step.rl.lockstep import Lockstep
 from megatron_step.rl.policy import PolicyUpdate, build_reference
@@ -157,6 +157,7 @@ class _Run:
         self.out["reward"].append((step + 1, metrics.get("rl/reward_mean", float("nan"))))
         # the DP mean (the same number on every rank), so all ranks stop at the same step
         budget_hit = 0 < r.max_tokens_sampled <= metrics["rl/tokens_sampled_cumulative"]
+        exiting = t.exit_after is not None and step + 1 >= t.exit_after  # a preempted job: save, stop
         last = step + 1 == t.steps or budget_hit
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or last):
             self.evaluate(step + 1, metrics)
@@ -170,21 +171,48 @@ class _Run:
                 f"mismatch_kl {g('policy/mismatch_kl', 0):.2e} mask(token/traj) "
                 f"{g('policy/token_mask_rate', 0):.3f}/{g('policy/traj_mask_rate', 0):.3f}"
             )
-        if due(t.save_interval, step + 1) or last:
-            extra_state = {"rl_version": self.version}
-            checkpoint.save_checkpoint(
-                t.run_dir, step + 1, self.chunks, self.optimizer, self.scheduler, extra_state
-            )
-            if self.critic is not None:
-                self.critic.save(t.run_dir, step + 1)
+        if due(t.save_interval, step + 1) or last or exiting:
+            self.save(step + 1, metrics["rl/tokens_sampled_cumulative"])
         if budget_hit and step + 1 < t.steps:
             self.monitor.message(f"step {step + 1}: rl.max_tokens_sampled={r.max_tokens_sampled} used")
-        return last
+        if exiting and not last:
+            self.monitor.message(f"exit_after={t.exit_after}: stopping at step {step + 1} (checkpoint saved)")
+        return last or exiting
+
+    def save(self, step: int, tokens_sampled_mean: float) -> None:
+        """Everything an exact resume needs at the end of RL step `step`: the critic first (so that a
+        policy checkpoint of step s always has its critic of step s), then the policy with the
+        version, the prompt stream's position and each rank's sampling counters."""
+        t = self.cfg.train
+        if self.critic is not None:
+            self.critic.save(t.run_dir, step, keep_last=t.keep_last)
+        shared, own = self.sampler.state()
+        extra = {"rl_version": self.version, "sampler": shared, "tokens_sampled_mean": tokens_sampled_mean}
+        checkpoint.save_checkpoint(
+            t.run_dir, step, self.chunks, self.optimizer, self.scheduler, extra, rank_state=own,
+            keep_last=t.keep_last,
+        )  # fmt: skip
+
+    def resume(self, step: int) -> None:
+        """Continue from this run's checkpoint of `step` (`save`); the critic from its own."""
+        t = self.cfg.train
+        loaded = checkpoint.load_checkpoint(t.run_dir, self.chunks, self.optimizer, self.scheduler, step=step)
+        extra = loaded["extra"]
+        if "sampler" not in extra:
+            raise ValueError(
+                f"{loaded['path']}: written by an RL run that did not checkpoint its sampler state; "
+                "train.resume=never with train.overwrite=true starts the run over"
+            )
+        self.version = int(extra["rl_version"])
+        self.sampler.load_state(extra["sampler"], loaded["rank_state"], extra.get("tokens_sampled_mean", 0.0))
+        if self.critic is not None:
+            self.critic.resume(t.run_dir, step)
+        self.monitor.message(f"resumed from {loaded['path']} (policy version {self.version})")
 
 
-def _run_sync(run: _Run) -> None:
+def _run_sync(run: _Run, start: int = 0) -> None:
     """Generate with the trainer's own weights, score, update: every group is from the current version."""
-    for step in range(run.cfg.train.steps):
+    for step in range(start, run.cfg.train.steps):
         t0 = time.perf_counter()
         batch = run.sampler.generate(run.version, step)  # prompts -> responses
         groups, stats = run.sampler.score(batch)  # rewards (worker pool) -> prompt groups
@@ -194,7 +222,7 @@ def _run_sync(run: _Run) -> None:
             break
 
 
-def _run_async(run: _Run, replica) -> None:
+def _run_async(run: _Run, replica, start: int = 0) -> None:
     """The replica samples ahead in a thread; the trainer takes what the buffer's staleness cap allows,
     updates, and copies its weights into the replica."""
     t, r, s = run.cfg.train, run.cfg.rl, run.sampler
@@ -209,10 +237,12 @@ def _run_async(run: _Run, replica) -> None:
         t.micro_batch_size,
         replay=r.routing_replay,
         exact=r.exact_staleness,
+        first_batch=start,
+        version=run.version,
     )
     run.pause = gen.lock
     try:
-        for step in range(t.steps):
+        for step in range(start, t.steps):
             t0 = time.perf_counter()
             while not buffer.wait_for(s.per_rank, run.version, timeout=1.0):
                 if gen.error is not None:
@@ -270,6 +300,8 @@ def train_rl(cfg: RLRunConfig) -> dict:
     t, r = cfg.train, cfg.rl
     _check_layout(cfg)
     env = platform.setup(cfg.parallel, seed=t.seed)
+    # before the warm-up: a run directory holding a run is refused (or continued) at once
+    start = checkpoint.resume_step(t, extra_dirs=(critic_dir(t.run_dir),))
     tokenizer, task = run_tokenizer(cfg.data), make_task(r)
     init_from = warm_start(cfg, task, tokenizer)
     env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
@@ -319,22 +351,28 @@ def train_rl(cfg: RLRunConfig) -> dict:
         reference=reference,
         routing_confidence=r.routing_confidence,
         minibatches=r.actor_minibatches,
+        max_skipped=t.max_skipped_steps,
     )
     critic = None
     if r.advantage == "gae":  # the critic: same architecture and layout, its own optimizer
         critic = Critic.build(
-            model, cfg.parallel, cfg.optim, r.critic, t.steps, t.micro_batch_size, init_from
-        )
-    monitor = Monitor(t.run_dir, t.steps, 0, enabled=is_logging_rank())
+            model, cfg.parallel, cfg.optim, r.critic, t.steps, t.micro_batch_size, init_from,
+            max_skipped=t.max_skipped_steps,
+        )  # fmt: skip
+    monitor = Monitor(t.run_dir, t.steps, start or 0, enabled=is_logging_rank())
     banner = {"init_from": init_from, **({"critic_from": critic.loaded} if critic else {})}
-    monitor.banner(run_banner(env, cfg.to_dict(), **banner))
+    monitor.banner(run_banner(env, cfg.to_dict(), resumed_from_step=start or 0, **banner))
     run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor, critic=critic)
     try:
-        first: dict = {}
-        run.evaluate(0, first)
-        monitor.scalars(0, first)
+        if start:
+            run.resume(start)
+        else:
+            first: dict = {}
+            run.evaluate(0, first)
+            monitor.scalars(0, first)
+        start = start or 0
         if not r.async_mode:
-            _run_sync(run)
+            _run_sync(run, start)
         else:
             # The replica has no MTP modules: Megatron-Core's InferenceMode flag (which makes GPTModel
             # skip MTP while generating) is process-wide, and setting it from the generation thread
@@ -353,7 +391,7 @@ def train_rl(cfg: RLRunConfig) -> dict:
                 across_ranks=alone,
                 routing_confidence=r.routing_confidence,
             )
-            _run_async(run, replica)
+            _run_async(run, replica, start)
     finally:
         runner.close()
         monitor.close()

@@ -13,7 +13,6 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -24,7 +23,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron_step.models.param_count import step_flash_flops_per_token
 from megatron_step.models.step_flash import StepFlashConfig
 from megatron_step.training.config import TrainConfig
-from megatron_step.training.step import dp_mean, forward_backward, from_last_stage, train_step
+from megatron_step.training.step import SkipGuard, dp_mean, forward_backward, from_last_stage, train_step
 
 __all__ = ["LMTrainer", "collate", "expert_load_scalars", "microbatches"]
 
@@ -84,7 +83,7 @@ class LMTrainer:
         self.flops_per_step = (
             3 * step_flash_flops_per_token(model, seq_length) * train.global_batch_size * seq_length
         )
-        self.skipped = 0  # optimizer updates skipped (inf/nan under a loss scaler)
+        self.guard = SkipGuard(train.max_skipped_steps, "pretraining")  # inf/nan steps skipped
 
     def _batches(self, dataset, step: int) -> list[dict]:
         t = self.t
@@ -92,7 +91,8 @@ class LMTrainer:
 
     def step(self, dataset, step: int) -> dict[str, float]:
         """Optimizer step `step` (0-based) on global batch `step`; the step's metrics, the same on
-        every rank. Raises FloatingPointError on a non-finite loss."""
+                every rank. A step with inf/nan gradients is skipped (train/skipped_iterations counts them);
+        train.max_skipped_steps of them in a row raise FloatingPointError."""
         t, t0 = self.t, time.perf_counter()
         mb = self._batches(dataset, step)
         with_load = (step + 1) % t.log_interval == 0
@@ -105,8 +105,8 @@ class LMTrainer:
             seq_length=self.seq,
             micro_batch_size=t.micro_batch_size,
             observe=observe,
+            guard=self.guard,
         )
-        self.skipped += not result.update_successful
         local = {"train/lm_loss": result.mean("lm_loss")} if result.metrics else {}
         mtp = MTPLossLoggingHelper.tracker.get("loss_values")
         if mtp is not None and result.metrics:
@@ -114,9 +114,6 @@ class LMTrainer:
         MTPLossLoggingHelper.clean_metrics_in_tracker()
         metrics = from_last_stage(dp_mean(local))
         dt = time.perf_counter() - t0
-        loss = metrics["train/lm_loss"]
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss}; stopping (last checkpoint kept)")
         tflops = self.flops_per_step / dt / self.world_size / 1e12
         metrics.update(
             {
@@ -127,7 +124,7 @@ class LMTrainer:
                 "train/step_ms": dt * 1e3,
                 "train/tflops_per_device": tflops,
                 "train/mfu": tflops / t.peak_tflops,
-                "train/skipped_iterations": float(self.skipped),
+                "train/skipped_iterations": float(self.guard.total),
                 **(result.observed or {}),
             }
         )

@@ -92,7 +92,10 @@ class Monitor:
 
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        # a resumed run: TensorBoard drops what an earlier process logged past its checkpoint (steps it
+        # logged after the save it resumes from), so every step keeps one value
+        purge = start_step + 1 if start_step else None
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,

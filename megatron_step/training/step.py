@@ -14,6 +14,15 @@ schedule over the microbatches (`forward_backward`, the one call of `get_forward
 `optimizer.step()` (clipping inside) -> the LR schedule, advanced only when the update was applied
 (as Megatron-LM does; callers count the others as skipped iterations).
 
+Non-finite steps: before `optimizer.step()`, every rank checks its reduced gradient buffers for
+inf/nan (a non-finite loss makes them so) and the flags are OR-ed over the world; a bad step is
+skipped on every rank (no parameter, optimizer-state or schedule change; the gradients are zeroed)
+and reported as
+`update_successful=False`. Megatron-Core's own `check_for_nan_in_grad` raises instead of skipping
+and its rerun state machine needs Megatron-LM's training loop, hence this check. A `SkipGuard`
+stops the run after `train.max_skipped_steps` skipped steps in a row. (The aux-loss-free expert-bias
+update inside `finalize_model_grads` still runs: it reads routing counts, not the loss.)
+
 A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
 (B, S), and optional "images" (B, 3, H, W) for the image-text model; or a (tokens, labels) pair.
 
@@ -25,6 +34,7 @@ megatron_step.platform.setup; nothing else here talks to other ranks except thro
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -38,8 +48,10 @@ from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOpt
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_step.platform import compute_device, to_device
+from megatron_step.training.faults import crash_point, nan_fault
 
 __all__ = [
+    "SkipGuard",
     "StepResult",
     "dp_mean",
     "dp_sum",
@@ -114,6 +126,66 @@ class StepResult:
         return float(torch.stack(values).float().mean()) if values else None
 
 
+def _poison_loss(forward_step):
+    """`forward_step` whose loss (and so every gradient) is NaN: the test hook's "loss" fault."""
+
+    def poisoned(data_iterator, model):
+        out, loss_func = forward_step(data_iterator, model)
+
+        def nan_loss(*args, **kwargs):
+            loss, *rest = loss_func(*args, **kwargs)
+            return (loss * float("nan"), *rest)
+
+        return out, nan_loss
+
+    return poisoned
+
+
+def _grad_buffers(chunks) -> list[torch.Tensor]:
+    """The gradients each chunk holds: DDP's contiguous grad buffers, else the parameters' grads."""
+    out = []
+    for c in chunks:
+        bufs = [*getattr(c, "buffers", []), *getattr(c, "expert_parallel_buffers", [])]
+        if bufs:
+            out += [b.grad_data for b in bufs]
+        else:
+            out += [
+                g for p in c.parameters() for g in (getattr(p, "main_grad", None), p.grad) if g is not None
+            ]
+    return out
+
+
+def _non_finite(chunks) -> bool:
+    """Whether any rank has an inf/nan gradient (collective: the world; every rank takes part in the
+    step). A non-finite loss makes every gradient it reaches nan, so the gradients are what is read
+    (loss functions also report metrics that may be inf by design, e.g. an empty minimum)."""
+    bad = any(not bool(torch.isfinite(g).all()) for g in _grad_buffers(chunks))
+    flag = torch.tensor([float(bad)], device=compute_device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class SkipGuard:
+    """Counts optimizer steps skipped for non-finite values; `limit` in a row (> 0) stops the run."""
+
+    def __init__(self, limit: int, what: str = "training"):
+        self.limit, self.what, self.total, self.in_a_row = limit, what, 0, 0
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        if self.limit and self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"{self.what}: {self.in_a_row} optimizer steps in a row skipped for inf/nan losses or "
+                f"gradients (train.max_skipped_steps={self.limit}); stopping -- the last checkpoint is "
+                "intact (lower the learning rate, or check the data)"
+            )
+
+
 def train_step(
     chunks: list,
     optimizer,
@@ -125,6 +197,7 @@ def train_step(
     forward_step=lm_forward_step,
     observe=None,
     phase=None,
+    guard: SkipGuard | None = None,
 ) -> StepResult:
     """One optimizer step over `microbatches` (this rank's share of the global batch).
 
@@ -132,7 +205,11 @@ def train_step(
     them (the parity harness). `observe()`: called between the backward pass and the gradient
     reductions, for what those consume (the routers' token counts); its value lands in
     `StepResult.observed`. `phase(name)`: an optional context-manager factory wrapped around each
-    part (profilers); the parts are timed either way."""
+    part (profilers); the parts are timed either way. A step with inf/nan gradients or losses is
+    skipped (module docstring); `guard` counts it and stops the run after too many in a row."""
+    fault = nan_fault()  # the test hook (megatron_step.training.faults); None unless asked for
+    if fault == "loss":
+        forward_step = _poison_loss(forward_step)
     phase = phase or (lambda name: contextlib.nullcontext())
     seconds = {}
     t0 = time.perf_counter()
@@ -149,6 +226,7 @@ def train_step(
             forward_step=forward_step,
         )
     observed = observe() if observe is not None else None
+    crash_point("step")  # a crash drill's kill mid-step (megatron_step.training.faults)
     t1 = time.perf_counter()
     with phase("finalize"):
         finalize_model_grads(chunks)  # DP/TP/PP grad reductions + aux-loss-free expert-bias update
@@ -156,10 +234,20 @@ def train_step(
     seconds.update(forward_backward=t1 - t0, finalize=t2 - t1)
     if optimizer is None:
         return StepResult(metrics, None, True, seconds, observed)
+    if fault == "grad" and (not dist.is_initialized() or dist.get_rank() == 0):
+        _grad_buffers(chunks)[0].view(-1)[0] = float("nan")
     with phase("optimizer"):
-        ok, grad_norm, _ = optimizer.step()
+        if _non_finite(chunks):  # skipped on every rank: nothing is updated
+            ok, grad_norm = False, math.nan
+            for c in chunks:
+                c.zero_grad_buffer()
+            optimizer.zero_grad()
+        else:
+            ok, grad_norm, _ = optimizer.step()
     if ok and scheduler is not None:
         scheduler.step(1)
+    if guard is not None:
+        guard.record(bool(ok))
     seconds["optimizer"] = time.perf_counter() - t2
     norm = None if grad_norm is None else float(grad_norm)
     return StepResult(metrics, norm, bool(ok), seconds, observed)

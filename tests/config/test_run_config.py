@@ -50,7 +50,7 @@ def test_yaml_values_are_coerced_like_overrides(tmp_path):
     path.write_text("optim:\n  lr: fast\n")
     with pytest.raises(ValueError, match=r"optim.lr='fast': expected a number"):
         load_run_config(str(path))
-    with pytest.raises(ValueError, match=r"train.resume='maybe': expected true or false"):
+    with pytest.raises(ValueError, match=r"train.resume='maybe': one of never, auto, required"):
         load_run_config(None, ["train.resume=maybe"])
 
 

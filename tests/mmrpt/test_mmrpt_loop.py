@@ -106,6 +106,27 @@ def test_mmrpt_run_skips_corrupt_samples_and_logs_rewards(rl_run):
     assert latest_step(run_dir) == 2 and os.path.isdir(checkpoint_dir(run_dir, 1))  # mid-run save + final
 
 
+def _untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if "seconds" not in k and "per_sec" not in k} for h in history]
+
+
+def test_a_resumed_mmrpt_run_equals_the_uninterrupted_one(shards, rl_run, tmp_path):
+    """The 2-step MMRPT run of `rl_run` again, stopped after step 1 (train.exit_after) and resumed:
+    the same history, end evaluation and TensorBoard scalars, bit for bit (one process)."""
+    straight_dir, straight = rl_run
+    run_dir = str(tmp_path / "cut")
+    ov = _overrides(shards, run_dir, "rl")
+    first = run_distributed(_run, 1, [*ov, "train.exit_after=1"])[0]
+    assert first["exited_at"] == 1 and "end" not in first
+    resumed = run_distributed(_run, 1, [*ov, "train.resume=auto"])[0]
+    assert [h["step"] for h in resumed["history"]] == [1, 2]  # step 1 from the checkpoint's record
+    assert _untimed(resumed["history"]) == _untimed(straight["history"])
+    assert resumed["end"] == straight["end"] and resumed["start"] == straight["start"]
+    a, b = read_run(straight_dir), read_run(run_dir)
+    keys = [k for k in a if "seconds" not in k and "per_sec" not in k]
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
 @pytest.mark.slow
 def test_caption_baseline_starts_from_the_same_warmup(shards, rl_run, tmp_path):
     """The baseline loads the warm-up checkpoint the MMRPT run wrote (no second warm-up) and is

@@ -181,6 +181,43 @@ def test_exact_staleness_under_two_dp_ranks_matches_one_process(dirs):
     assert curves[1]["policy/staleness_kl"][4] != 0.0
 
 
+_TIMINGS = ("seconds", "per_sec", "_ms", "tokens_per_sec")
+
+
+def _resumed_equals_straight(dirs, name: str, extra: tuple, steps: int, stop: int, world: int = 1):
+    """`steps` RL steps straight vs `stop` steps (train.exit_after) + a resumed run to `steps`: every
+    logged scalar but the timings, step for step (the resumed run directory holds both processes'
+    events; TensorBoard keeps one value per step)."""
+    straight, cut = str(dirs["root"] / f"{name}_straight"), str(dirs["root"] / f"{name}_cut")
+    extra = (*extra, f"train.steps={steps}")
+    run_distributed(run, world, dirs["data"], straight, dirs["sft"], extra)
+    first = run_distributed(run, world, dirs["data"], cut, dirs["sft"], (*extra, f"train.exit_after={stop}"))[
+        0
+    ]
+    assert [s for s, _ in first["reward"]] == list(range(1, stop + 1))  # it stopped there
+    with pytest.raises(Exception, match="holds a run"):  # a rerun without resume is refused
+        run_distributed(run, world, dirs["data"], cut, dirs["sft"], extra)
+    second = run_distributed(run, world, dirs["data"], cut, dirs["sft"], (*extra, "train.resume=auto"))[0]
+    assert [s for s, _ in second["reward"]] == list(range(stop + 1, steps + 1))  # it went on from there
+    a, b = read_run(straight), read_run(cut)
+    keys = sorted(k for k in a if not any(t in k for t in _TIMINGS))
+    assert set(keys) <= set(b), sorted(set(keys) - set(b))
+    differ = {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
+    assert not differ, differ
+    return a
+
+
+def test_a_resumed_actor_critic_run_equals_the_uninterrupted_one(dirs):
+    """Sync RL with the critic (GAE): 4 steps straight vs 2 steps, stop, resume to 4 -- the policy,
+    its optimizer and schedule, the critic and its optimizer, the policy version, the prompt stream and
+    the sampling counters come back, so every scalar is bit-identical (one process is deterministic)."""
+    extra = ("rl.advantage=gae", "rl.critic.truncation=terminal", "optim.lr=1e-3")
+    extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward",)  # groups with a signal: weights move
+    curves = _resumed_equals_straight(dirs, "resume_gae", extra, steps=4, stop=2)
+    assert sorted(curves["critic/value_loss"]) == [1, 2, 3, 4]
+    assert len(set(curves["policy/loss"].values())) > 1 and sorted(curves["rl/accuracy_heldout"]) == [0, 3, 4]
+
+
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
