@@ -119,7 +119,7 @@ def format_table(result: dict) -> str:
         lines.append("{:>5} {:<12} {:<8} {:>18} {:>6} {:>12} {:>6}".format(*cells))
     same = "identical" if not result["differ"] else f"DIFFERENT in {result['differ'][:5]}"
     lines.append(
-        f"curves: {result['keys']} scalars over {result['steps']} steps, drilled vs reference: {same}"
+        f"curves: {result['keys']} scalar series over {result['steps']} steps, drilled vs reference: {same}"
     )
     lines.append("drill passed" if result["ok"] else "drill FAILED")
     return "\n".join(lines)
