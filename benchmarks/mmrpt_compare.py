@@ -113,6 +113,7 @@ def main(argv=None) -> None:
             f"{_metric(r, 'end', 'attribute_accuracy'):.3f}"
         )
 
+    common = [*common, "train.overwrite=true"]  # the benchmark owns its run directories: a rerun starts over
     if checkpoint.latest_step(f"{out}/warmup") is None:
         print("caption warm-up ...", flush=True)
         warm = [*common, "mmrpt.objective=caption", "train.steps=1", "mmrpt.eval_interval=0"]

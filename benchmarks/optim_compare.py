@@ -66,7 +66,10 @@ def _overrides(optimizer: str, extra: dict, lr: float, args) -> list[str]:
 def run_one(overrides: list[str], run_dir: str, result_path: str) -> None:
     """One training run in this process (1 thread); writes its curve and timings as JSON."""
     torch.set_num_threads(1)
-    cfg = load_run_config("examples/tiny/tiny.yaml", [*overrides, f"train.run_dir={run_dir}"])
+    # the benchmark owns its run directories: a rerun starts each run over
+    cfg = load_run_config(
+        "examples/tiny/tiny.yaml", [*overrides, f"train.run_dir={run_dir}", "train.overwrite=true"]
+    )
     out = pretrain(cfg)
     res = {
         "overrides": overrides,

@@ -351,6 +351,7 @@ def main(argv=None) -> None:
     os.makedirs(out, exist_ok=True)
     common, runs = suite(args.suite, args)
     common = [*common, *args.set, f"rl.init_from={out}/sft", f"data.data_dir={out}/data"]
+    common.append("train.overwrite=true")  # the benchmark owns its run directories: a rerun starts over
     # the warm-up alone first (every run then loads it), as a 1-step run of the first job
     first = next(iter(runs))
     if checkpoint.latest_step(f"{out}/sft") is None:
