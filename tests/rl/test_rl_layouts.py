@@ -377,7 +377,8 @@ def _mtp_cfg(weight: float):
     return dataclasses.replace(_model_cfg(), mtp_loss_weights=[weight] * _model_cfg().mtp_num_layers)
 
 
-@pytest.mark.parametrize("kw", [pytest.param({}, marks=pytest.mark.slow), {"pp": 2}], ids=["dp2", "pp2"])
+@pytest.mark.slow  # make test-all (~50 s); the default suite builds the RL model with its MTP weight
+@pytest.mark.parametrize("kw", [{}, {"pp": 2}], ids=["dp2", "pp2"])
 def test_mtp_trained_in_rl_updates_as_one_process(kw, tmp_path):
     """rl.mtp_loss_weight > 0: the MTP depths train on the sampled responses -- their weights move
     (with weight 0 they do not), their losses and draft accuracy are logged, and DP2 / PP2 (MTP on
