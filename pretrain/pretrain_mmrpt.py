@@ -14,6 +14,9 @@
 
 Overrides are `section.field=value` (sections: model, parallel, optim, train, mmrpt; nested:
 mmrpt.vision.<field>, mmrpt.loss.<field>). The stage: megatron_step/stages/mmrpt.py.
+A run directory that already holds a run is refused at start: `train.resume=auto` continues it
+(exactly), `train.overwrite=true` starts it over (the caption warm-up under <run_dir>/warmup is kept),
+or give another `train.run_dir=` (docs/reliability.md).
 """
 
 from __future__ import annotations
