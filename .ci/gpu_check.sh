@@ -38,17 +38,17 @@ $PY -c "import torch, megatron.core as m; print('torch', torch.__version__, 'meg
 $PY -c "import transformer_engine" 2>/dev/null && echo "transformer-engine: present" || echo "transformer-engine: absent (FP8/TE tests skip)"
 step gpu_tests 150 $PY -m pytest -m gpu -q -rs tests/platform tests/models tests/data
 step pretrain 150 $PY pretrain/pretrain_step.py --config examples/tiny/tiny.yaml train.steps=40 \
-    train.eval_interval=20 train.save_interval=40 model.bf16=true train.run_dir="$WORK/pretrain" \
+    train.eval_interval=20 train.save_interval=40 model.bf16=true train.run_dir="$WORK/pretrain" train.overwrite=true \
     data.data_dir="$WORK/data"
 step rl_e3rl 190 $PY posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.sft_steps=60 \
-    train.steps=6 train.eval_interval=3 rl.rollout=e3rl train.run_dir="$WORK/rl" rl.init_from="$WORK/rl/sft" \
+    train.steps=6 train.eval_interval=3 rl.rollout=e3rl train.run_dir="$WORK/rl" train.overwrite=true rl.init_from="$WORK/rl/sft" \
     data.data_dir="$WORK/data"
 step rl_sync 120 $PY posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.sft_steps=60 \
-    train.steps=4 train.eval_interval=4 train.run_dir="$WORK/rl_sync" rl.init_from="$WORK/rl/sft" \
+    train.steps=4 train.eval_interval=4 train.run_dir="$WORK/rl_sync" train.overwrite=true rl.init_from="$WORK/rl/sft" \
     data.data_dir="$WORK/data"
 step e3rl_overhead 80 $PY -m benchmarks.e3rl_overhead
 step rollout_compare 150 $PY -m benchmarks.rollout_compare
 step mmrpt 200 $PY pretrain/pretrain_mmrpt.py --config examples/mmrpt/mmrpt_tiny.yaml mmrpt.scenes=400 \
     mmrpt.heldout_scenes=32 mmrpt.warmup_steps=60 train.steps=4 mmrpt.eval_interval=2 model.bf16=true \
-    train.run_dir="$WORK/mmrpt" mmrpt.init_from="$WORK/mmrpt/warmup" mmrpt.data_dir="$WORK/mmrpt_data"
+    train.run_dir="$WORK/mmrpt" train.overwrite=true mmrpt.init_from="$WORK/mmrpt/warmup" mmrpt.data_dir="$WORK/mmrpt_data"
 exit $status
