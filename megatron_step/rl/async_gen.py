@@ -18,17 +18,23 @@ behaviour policy (megatron_step.rl.losses). The buffer drops groups staler than 
 Exact mode (rl.exact_staleness): the trainer, before it syncs version v, waits until the batch
 v - 1 + ahead has been sampled with version v - 1, so batch b is always sampled with version
 max(0, b - ahead): the staleness of every step is fixed (0, 1, .., ahead, ahead, ...) and the run no
-longer depends on thread timing -- the same rollouts and numbers on every rerun.
+longer depends on thread timing -- the same rollouts and numbers on every rerun. It is also the mode
+that resumes exactly: `state(v)` right after `sync(v)` is the queue (batches v .. v - 1 + ahead, each
+sampled with its version, its pi_old recorded) and the sampler's state once the last of them was
+sampled; a generator built with `restored=` that state and `first_batch=v + ahead` goes on as the
+uninterrupted one would (megatron_step.stages.rl). Outside exact mode how far the thread got depends
+on timing, so a resumed run restarts the queue empty (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import torch
 
-from megatron_step.rl.buffer import RolloutBuffer
+from megatron_step.rl.buffer import Rollout, RolloutBuffer
 from megatron_step.rl.policy import record_old_logp
 from megatron_step.rl.rollouts import RolloutSampler
 
@@ -53,6 +59,7 @@ class AsyncGenerator:
         exact: bool = False,
         first_batch: int = 0,
         version: int = 0,
+        restored: dict | None = None,
     ):
         if ahead < 0:
             raise ValueError(f"rl.max_ahead={ahead}: must be >= 0")
@@ -69,10 +76,16 @@ class AsyncGenerator:
         if missing:
             raise RuntimeError(f"inference replica has tensors the trainer lacks: {sorted(missing)[:3]}")
         self.lock = threading.Lock()  # held while generating and while syncing
-        # a resumed run starts at its step's batch with its version (the queue starts empty: the
-        # first `ahead` steps after a resume are fresher than in the uninterrupted run)
+        # a resumed run starts at `first_batch` with its version: in exact mode with the queue of
+        # `state()` (`restored`), otherwise empty (the first `ahead` steps after a resume are then
+        # fresher than in the uninterrupted run)
         self.version, self.error, self.first_batch = version, None, first_batch
         self.stats: dict[int, dict] = {}  # rollout batch -> its sampling metrics
+        if restored is not None:
+            buffer.add([Rollout(**r) for r in restored["queue"]])
+            self.stats.update({int(b): m for b, m in restored["queue_stats"].items()})
+        # rollout batch -> the sampler's state() once it was sampled (the one before first_batch: now)
+        self.after: dict[int, tuple[dict, dict]] = {first_batch - 1: sampler.state()}
         self.produced = threading.Condition()  # notified when a batch is in the buffer
         self.n_produced = first_batch
         self.stop = threading.Event()
@@ -108,6 +121,8 @@ class AsyncGenerator:
                     groups, stats = s.sample(self.version, batch)
                     record_old_logp(self.replica, [r for g in groups for r in g], self.mbs, self.replay)
                 self.stats[batch] = stats
+                self.after[batch] = s.state()
+                self.after.pop(batch - self.ahead - 2, None)  # state() reads at most `ahead` back
                 self.buffer.add([r for g in groups for r in g])
                 batch += 1
                 with self.produced:
@@ -116,6 +131,24 @@ class AsyncGenerator:
         except BaseException as e:  # surfaced to the trainer
             self.error = e
             self.buffer.close()
+
+    def state(self, version: int, queue: bool = True) -> tuple[dict, dict]:
+        """Exact mode, right after `sync(version)`: (the sampler's shared state, this rank's own) as
+        they were once batch version - 1 + ahead -- the last one `sync` waited for -- was sampled;
+        with `queue` the own part also holds the queued rollouts of batches version .. version - 1 +
+        ahead and their sampling metrics (`restored=` of a resumed generator). A batch the thread
+        samples meanwhile (version's own) is not in it: the resumed generator samples it again, with
+        the same weights."""
+        if not self.exact:
+            raise RuntimeError("AsyncGenerator.state: only rl.exact_staleness=true fixes the queue")
+        last = version - 1 + self.ahead
+        shared, own = self.after[last]
+        if not queue:
+            return shared, own
+        per_step = self.sampler.rl.prompts_per_step  # group ids are batch x prompts_per_step + i
+        queue = [dataclasses.asdict(r) for r in self.buffer.held() if r.group // per_step <= last]
+        stats = {b: self.stats[b] for b in range(version, last + 1)}
+        return shared, {**own, "queue": queue, "queue_stats": stats}
 
     def stats_for(self, groups) -> dict[str, float]:
         """The sampling metrics of the batches `groups` came from (their mean, per key): what the

@@ -176,6 +176,12 @@ class RolloutBuffer:
         with self._cond:
             return sum(len(g.rollouts) for g in self._groups.values())
 
+    def held(self) -> list[Rollout]:
+        """Every rollout held (complete and incomplete groups), groups in arrival order: what a
+        checkpoint of the queue keeps (`add` them back, in this order, to restore it)."""
+        with self._cond:
+            return [r for g in sorted(self._groups.values(), key=lambda g: g.order) for r in g.rollouts]
+
     @property
     def closed(self) -> bool:
         """close() was called: `wait_for` no longer blocks, so a waiting loop should stop on it."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_step import platform
@@ -114,6 +115,13 @@ class _Run:
     # inference forwards)
     pause: object = field(default_factory=contextlib.nullcontext)
     critic: Critic | None = None  # rl.advantage=gae
+    # the sampler's (shared, own) state as of the end of this step -- what a checkpoint keeps and the
+    # counters logged: the sampler's own in sync mode; in exact async mode the generator's (as of the
+    # last batch the step waited for; its argument: with the queue), not wherever its thread has got to
+    sampler_state: Callable[[bool], tuple[dict, dict]] | None = None
+
+    def state(self, queue: bool = False) -> tuple[dict, dict]:
+        return self.sampler.state() if self.sampler_state is None else self.sampler_state(queue)
 
     def train(self, groups: list) -> dict:
         """One RL update on `groups`: GRPO advantages, or (actor-critic) the critic's values -> GAE ->
@@ -130,7 +138,7 @@ class _Run:
         with self.pause:
             acc, acc_s = self.evaluator.accuracy()
         self.out["accuracy"].append((step, acc))
-        self.out["tokens_sampled"].append((step, self.sampler.tokens_sampled))
+        self.out["tokens_sampled"].append((step, self.state()[1]["tokens_sampled"]))
         metrics["rl/accuracy_heldout"] = acc
         msg = f"step {step}: held-out accuracy {acc:.3f} (greedy)"
         if acc_s is not None:
@@ -148,7 +156,7 @@ class _Run:
                 "staleness/mean": sum(stale) / len(stale),
                 "staleness/max": float(max(stale)),
                 **{f"rl/{k}": v for k, v in extra.items()},
-                "rl/tokens_sampled_cumulative": float(self.sampler.tokens_sampled),
+                "rl/tokens_sampled_cumulative": float(self.state()[1]["tokens_sampled"]),
                 "rl/step_seconds": time.perf_counter() - t0,
             }
         )
@@ -182,19 +190,21 @@ class _Run:
     def save(self, step: int, tokens_sampled_mean: float) -> None:
         """Everything an exact resume needs at the end of RL step `step`: the critic first (so that a
         policy checkpoint of step s always has its critic of step s), then the policy with the
-        version, the prompt stream's position and each rank's sampling counters."""
+        version, the prompt stream's position and each rank's sampling counters (exact async mode:
+        and its rollout queue)."""
         t = self.cfg.train
         if self.critic is not None:
             self.critic.save(t.run_dir, step, keep_last=t.keep_last)
-        shared, own = self.sampler.state()
+        shared, own = self.state(queue=True)
         extra = {"rl_version": self.version, "sampler": shared, "tokens_sampled_mean": tokens_sampled_mean}
         checkpoint.save_checkpoint(
             t.run_dir, step, self.chunks, self.optimizer, self.scheduler, extra, rank_state=own,
             keep_last=t.keep_last,
         )  # fmt: skip
 
-    def resume(self, step: int) -> None:
-        """Continue from this run's checkpoint of `step` (`save`); the critic from its own."""
+    def resume(self, step: int) -> dict | None:
+        """Continue from this run's checkpoint of `step` (`save`); the critic from its own. Returns the
+        rollout queue an exact async run saved with it (None: none)."""
         t = self.cfg.train
         loaded = checkpoint.load_checkpoint(t.run_dir, self.chunks, self.optimizer, self.scheduler, step=step)
         extra = loaded["extra"]
@@ -207,7 +217,13 @@ class _Run:
         self.sampler.load_state(extra["sampler"], loaded["rank_state"], extra.get("tokens_sampled_mean", 0.0))
         if self.critic is not None:
             self.critic.resume(t.run_dir, step)
-        self.monitor.message(f"resumed from {loaded['path']} (policy version {self.version})")
+        own = loaded["rank_state"]
+        queue = None if own is None or "queue" not in own else own
+        self.monitor.message(
+            f"resumed from {loaded['path']} (policy version {self.version}"
+            + (f", {len(queue['queue'])} queued rollouts)" if queue else ")")
+        )
+        return queue
 
 
 def _run_sync(run: _Run, start: int = 0) -> None:
@@ -222,12 +238,21 @@ def _run_sync(run: _Run, start: int = 0) -> None:
             break
 
 
-def _run_async(run: _Run, replica, start: int = 0) -> None:
+def _run_async(run: _Run, replica, start: int = 0, queue: dict | None = None) -> None:
     """The replica samples ahead in a thread; the trainer takes what the buffer's staleness cap allows,
-    updates, and copies its weights into the replica."""
+    updates, and copies its weights into the replica. `queue`: the exact-mode queue a resumed run's
+    checkpoint holds (`AsyncGenerator.state`)."""
     t, r, s = run.cfg.train, run.cfg.rl, run.sampler
     buffer = RolloutBuffer(r.max_staleness, group_size=r.group_size)
     ahead = r.max_staleness if r.max_ahead is None else r.max_ahead
+    if start and r.exact_staleness and queue is None:
+        raise ValueError(
+            f"{t.run_dir}: its checkpoint of step {start} holds no rollout queue (written outside "
+            "rl.exact_staleness, or with another world size), so this exact-staleness run cannot go on "
+            "exactly; resume it with rl.exact_staleness=false, or start over (train.resume=never "
+            "train.overwrite=true)"
+        )
+    exact_resume = bool(start) and r.exact_staleness
     gen = AsyncGenerator(
         s,
         replica,
@@ -237,10 +262,13 @@ def _run_async(run: _Run, replica, start: int = 0) -> None:
         t.micro_batch_size,
         replay=r.routing_replay,
         exact=r.exact_staleness,
-        first_batch=start,
+        first_batch=start + ahead if exact_resume else start,
         version=run.version,
+        restored=queue if exact_resume else None,
     )
     run.pause = gen.lock
+    if r.exact_staleness:
+        run.sampler_state = lambda queue: gen.state(run.version, queue)
     try:
         for step in range(start, t.steps):
             t0 = time.perf_counter()
@@ -364,8 +392,9 @@ def train_rl(cfg: RLRunConfig) -> dict:
     monitor.banner(run_banner(env, cfg.to_dict(), resumed_from_step=start or 0, **banner))
     run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor, critic=critic)
     try:
+        queue = None
         if start:
-            run.resume(start)
+            queue = run.resume(start)
         else:
             first: dict = {}
             run.evaluate(0, first)
@@ -391,7 +420,7 @@ def train_rl(cfg: RLRunConfig) -> dict:
                 across_ranks=alone,
                 routing_confidence=r.routing_confidence,
             )
-            _run_async(run, replica, start)
+            _run_async(run, replica, start, queue)
     finally:
         runner.close()
         monitor.close()

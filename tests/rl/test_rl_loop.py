@@ -219,6 +219,18 @@ def test_a_resumed_actor_critic_run_equals_the_uninterrupted_one(dirs):
     assert len(set(curves["policy/loss"].values())) > 1 and sorted(curves["rl/accuracy_heldout"]) == [0, 3]
 
 
+def test_a_resumed_async_actor_critic_run_equals_the_uninterrupted_one(dirs):
+    """Async RL at exact staleness 2 with the critic: 3 steps straight vs 1, stop, resume to 3. The
+    checkpoint of step 1 holds the queue -- batches 1 and 2, both sampled with version 0 -- so the
+    resumed run trains on the same stale rollouts (and their pi_old) as the uninterrupted one."""
+    extra = ("rl.async_mode=true", "rl.max_staleness=2", "rl.exact_staleness=true", "rl.advantage=gae")
+    extra += ("rl.critic.truncation=terminal", "optim.lr=1e-3", "rl.eval_problems=4")
+    extra += ("rl.reward_fn=tests.rl._rewards_fixtures:length_reward",)
+    curves = _resumed_equals_straight(dirs, "resume_async", extra, steps=3, stop=1)
+    assert curves["staleness/max"] == {1: 0, 2: 1, 3: 2}, curves["staleness/max"]
+    assert curves["policy/staleness_kl"][3] != 0.0  # step 3 trains on version 0's rollouts: stale
+
+
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
