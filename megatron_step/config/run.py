@@ -14,9 +14,10 @@ Run types (each entry point loads its own; a section another stage owns is refus
 `rl:` in a pretraining YAML cannot pass silently):
     PretrainConfig  model, parallel, data, optim, train             pretrain/pretrain_step.py
     RLRunConfig     + rl (the SFT warm-up reads data)               posttrain/train_rl.py
+    SFTRunConfig    + sft (chat conversations; data: the tokenizer)  posttrain/train_sft.py
     MMRPTRunConfig  model, parallel, optim, train, mmrpt            pretrain/pretrain_mmrpt.py
 Sections: ParallelConfig (megatron_step.platform), DataConfig (data), OptimConfig (optim),
-TrainConfig (training), RLConfig (rl), MMRPTConfig (mmrpt); the model is a preset of
+TrainConfig (training), RLConfig (rl), SFTConfig (data.sft), MMRPTConfig (mmrpt); the model is a preset of
 megatron_step.models.step_flash plus `model:` field overrides. Nothing in the library imports this
 module: components take their own sections.
 """
@@ -34,6 +35,7 @@ import yaml
 
 from megatron_step.config.fields import build, coerce, field_types, set_path
 from megatron_step.data.config import DataConfig
+from megatron_step.data.sft import SFTConfig
 from megatron_step.mmrpt.config import MMRPTConfig
 from megatron_step.models.step_flash.config import StepFlashConfig, preset
 from megatron_step.optim.config import OptimConfig
@@ -116,6 +118,20 @@ class RLRunConfig(PretrainConfig):
 
 
 @dataclass
+class SFTRunConfig(PretrainConfig):
+    """Supervised fine-tuning on chat conversations (megatron_step.stages.sft); `data` is the
+    tokenizer and the sequence length, `train.init_from` the checkpoint it starts from."""
+
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def model_config(self) -> StepFlashConfig:
+        """The model with `sft.mtp_loss_weight` on every MTP depth (when set and the model has MTP)."""
+        m = super().model_config()
+        w = self.sft.mtp_loss_weight
+        return m.replace(mtp_loss_weights=[w] * m.mtp_num_layers) if w is not None and m.mtp_num_layers else m
+
+
+@dataclass
 class MMRPTRunConfig(RunConfig):
     """MMRPT and its caption-imitation baseline (megatron_step.stages.mmrpt)."""
 
@@ -134,6 +150,7 @@ class MMRPTRunConfig(RunConfig):
 _OWNERS = {
     "data": "pretraining and RL runs",
     "rl": "RL runs (posttrain/train_rl.py, RLRunConfig)",
+    "sft": "SFT runs (posttrain/train_sft.py, SFTRunConfig)",
     "mmrpt": "MMRPT runs (pretrain/pretrain_mmrpt.py, MMRPTRunConfig)",
 }
 
@@ -220,6 +237,7 @@ __all__ = [
     "PretrainConfig",
     "RLRunConfig",
     "RunConfig",
+    "SFTRunConfig",
     "cli_run_config",
     "load_model_config",
     "load_run_config",

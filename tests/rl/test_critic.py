@@ -242,6 +242,8 @@ def test_a_critic_from_a_reward_model_scores_as_the_reward_model(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # make test-all (~2.5 min); by default the stage's critic runs, saves and resumes in
+# tests/rl/test_rl_loop.py (the resume tests) and its value loss is tested above
 def test_the_actor_critic_stage_trains_its_critic_and_saves_it(golden_run, embedded_data, tmp_path):
     """6 actor-critic steps from the golden warm-up checkpoint: the critic's prediction error on each
     step's fresh rollouts (before it trains on them) falls from the zero head's; the critic is saved

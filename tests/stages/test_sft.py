@@ -1,0 +1,104 @@
+"""The SFT stage end to end at toy size: the embedded chat data trains (validation loss falls), a
+stopped and resumed run equals the uninterrupted one bit for bit, bad data stops the entry point with
+one line naming file and line, and (slow) DP=2 follows the 1-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megatron_step import platform
+from megatron_step.config.run import SFTRunConfig, load_run_config
+from megatron_step.stages.sft import train_sft
+from megatron_step.testing import run_distributed
+from megatron_step.testing.golden import compare, format_rows, read_run
+
+pytestmark = pytest.mark.distributed
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMINGS = ("seconds", "per_sec", "_ms", "tflops", "mfu")
+
+
+def _overrides(data_dir, run_dir, *extra):
+    return [
+        "model.vocab_size=512",
+        "data.tokenizer_vocab_size=512",
+        f"data.data_dir={data_dir}",
+        f"train.run_dir={run_dir}",
+        "train.steps=6",
+        "train.eval_interval=3",
+        "train.eval_steps=2",
+        "train.log_interval=1",
+        "train.save_interval=3",
+        "sft.embedded_train=128",
+        "sft.embedded_valid=16",
+        *extra,
+    ]
+
+
+def run(rank, world_size, overrides):
+    cfg = load_run_config(os.path.join(REPO, "examples/sft/sft_tiny.yaml"), overrides, SFTRunConfig)
+    try:
+        return train_sft(cfg)
+    finally:
+        platform.teardown()
+
+
+def _scalars(run_dir):
+    a = read_run(run_dir)
+    return {k: v for k, v in a.items() if not any(t in k for t in TIMINGS)}
+
+
+def test_sft_trains_on_the_embedded_chats_and_resumes_bit_exactly(embedded_data, tmp_path):
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    out = run_distributed(run, 1, _overrides(embedded_data, straight))[0]
+    assert out["data"]["train"]["samples"] == 128 and out["data"]["skipped"] == 0
+    (first, a), (last, b) = out["val_curve"][0], out["val_curve"][-1]
+    assert (first, last) == (3, 6) and b < a, out["val_curve"]  # the assistant-token loss falls
+    with open(os.path.join(straight, "run_info.json")) as f:
+        assert json.load(f)["data"]["chat_template"] == "the default chat template"
+    part = run_distributed(run, 1, _overrides(embedded_data, cut, "train.exit_after=3"))[0]
+    assert len(part["losses"]) == 3
+    rest = run_distributed(run, 1, _overrides(embedded_data, cut, "train.resume=auto"))[0]
+    assert rest["start"] == 3 and len(rest["losses"]) == 3
+    x, y = _scalars(straight), _scalars(cut)
+    assert "train/lm_loss" in x and "train/mtp_1_loss" in x and "val/lm_loss" in x, sorted(x)
+    assert x == y, {k: (x[k], y.get(k)) for k in x if x[k] != y.get(k)}
+
+
+def _entry(rank, world_size, argv):
+    from posttrain.train_sft import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return str(e.code)
+    finally:
+        platform.teardown()
+    return "no exit"
+
+
+def test_a_bad_line_stops_the_entry_point_with_file_and_line(embedded_data, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    )
+    data.write_text(good + "\n" + '{"messages": [{"role": "user"}]}\n')
+    argv = ["--config", os.path.join(REPO, "examples/sft/sft_tiny.yaml")]
+    argv += _overrides(embedded_data, str(tmp_path / "run"), f"sft.train_files=[{data}]")
+    msg = run_distributed(_entry, 1, argv)[0]
+    assert msg.startswith(f"data error: {data}:2: messages[0]: expected {{'role': ..., 'content': ...}}"), msg
+
+
+@pytest.mark.slow  # make test-all: 2 runs (~1.5 min)
+def test_sft_on_two_data_parallel_ranks_follows_one_process(embedded_data, tmp_path):
+    curves = {}
+    for world in (1, 2):
+        run_dir = str(tmp_path / f"dp{world}")
+        run_distributed(
+            run, world, _overrides(embedded_data, run_dir, "train.steps=4", "train.save_interval=0")
+        )
+        curves[world] = read_run(run_dir, ["train/lm_loss", "train/grad_norm", "val/lm_loss"])
+    rows = compare(curves[1], curves[2], rtol=1e-4)
+    assert rows and all(r.ok for r in rows), format_rows(rows, ("1 process", "DP2"), only_bad=True)
