@@ -28,7 +28,13 @@ import subprocess
 import sys
 import time
 
-from megatron_step.config.run import MMRPTRunConfig, PretrainConfig, RLRunConfig, load_run_config
+from megatron_step.config.run import (
+    MMRPTRunConfig,
+    PretrainConfig,
+    RLRunConfig,
+    SFTRunConfig,
+    load_run_config,
+)
 from megatron_step.testing import golden
 from megatron_step.training import checkpoint
 from megatron_step.training.faults import CRASH_ENV
@@ -36,6 +42,7 @@ from megatron_step.training.faults import CRASH_ENV
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = {  # --entry: (script, run config, crash points)
     "pretrain": ("pretrain/pretrain_step.py", PretrainConfig, ("step", "save", "commit")),
+    "sft": ("posttrain/train_sft.py", SFTRunConfig, ("step", "save", "commit")),
     "rl": ("posttrain/train_rl.py", RLRunConfig, ("step", "save", "commit", "rollout")),
     "mmrpt": ("pretrain/pretrain_mmrpt.py", MMRPTRunConfig, ("step", "save", "commit", "rollout")),
 }

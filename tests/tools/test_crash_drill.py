@@ -1,4 +1,4 @@
-"""tools/crash_drill.py: tiny pretraining, RL (sync EP=2 and async DP=2, with the critic) and MMRPT
+"""tools/crash_drill.py: tiny pretraining, SFT, RL (sync EP=2 and async DP=2, with the critic) and MMRPT
 (DP=2) runs killed (SIGKILL) at random points -- mid-step, mid-save, mid-commit, mid-rollout -- and
 resumed each time end with the uninterrupted run's curve, and no kill costs a committed checkpoint."""
 
@@ -93,6 +93,25 @@ def test_an_mmrpt_run_killed_at_random_points_gives_the_uninterrupted_curve(tmp_
         "train.steps=4",
         "train.micro_batch_size=4",
     ]
+    rc = main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "drilled vs reference: identical" in out and "drill passed" in out, out
+    assert out.count(" killed ") >= 1, out
+
+
+@pytest.mark.slow  # make test-all: 4 starts of 2 processes (~3 min)
+def test_an_sft_run_killed_at_random_points_gives_the_uninterrupted_curve(embedded_data, tmp_path, capsys):
+    """SFT on the embedded chats, 2 data-parallel ranks, killed and resumed: identical curves."""
+    argv = ["--entry", "sft", "--config", os.path.join(REPO, "examples/sft/sft_tiny.yaml"), "--kills", "2"]
+    argv += ["--nproc", "2", "--seed", "1", "--out", str(tmp_path), f"data.data_dir={embedded_data}"]
+    argv += [
+        "model.vocab_size=512",
+        "data.tokenizer_vocab_size=512",
+        "train.steps=6",
+        "train.eval_interval=3",
+    ]
+    argv += ["train.eval_steps=2", "train.log_interval=1", "sft.embedded_train=128", "sft.embedded_valid=16"]
     rc = main(argv)
     out = capsys.readouterr().out
     assert rc == 0, out
