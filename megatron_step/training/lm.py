@@ -23,7 +23,14 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron_step.models.param_count import step_flash_flops_per_token
 from megatron_step.models.step_flash import StepFlashConfig
 from megatron_step.training.config import TrainConfig
-from megatron_step.training.step import SkipGuard, dp_mean, forward_backward, from_last_stage, train_step
+from megatron_step.training.step import (
+    SkipGuard,
+    dp_mean,
+    forward_backward,
+    from_last_stage,
+    moe_routers,
+    train_step,
+)
 
 __all__ = ["LMTrainer", "collate", "expert_load_scalars", "microbatches"]
 
@@ -40,20 +47,13 @@ def microbatches(dataset, step: int, gbs: int, mbs: int, dp: int, dp_rank: int) 
     return [collate([dataset[(base + m * mbs + j) % n] for j in range(mbs)]) for m in range(per_rank // mbs)]
 
 
-def _routers(chunks):
-    for c in chunks:
-        for m in c.module.modules():
-            if hasattr(m, "local_tokens_per_expert") and hasattr(m, "expert_bias"):
-                yield m
-
-
 def expert_load_scalars(chunks, topk: int) -> dict[str, float]:
     """Per MoE layer: the most and least loaded expert relative to a uniform split, and the dropped
     tokens. Reads the routers' token counts, so it must run before finalize_model_grads (whose
     expert-bias update resets them); all data-parallel ranks call it (an all-reduce)."""
     out, dropped = {}, 0.0
     group = ps.get_data_parallel_group(with_context_parallel=True)
-    for r in _routers(chunks):
+    for r in moe_routers(chunks):
         counts = r.local_tokens_per_expert.detach().float().clone()
         dist.all_reduce(counts, group=group)
         total = counts.sum()

@@ -20,8 +20,9 @@ skipped on every rank (no parameter, optimizer-state or schedule change; the gra
 and reported as
 `update_successful=False`. Megatron-Core's own `check_for_nan_in_grad` raises instead of skipping
 and its rerun state machine needs Megatron-LM's training loop, hence this check. A `SkipGuard`
-stops the run after `train.max_skipped_steps` skipped steps in a row. (The aux-loss-free expert-bias
-update inside `finalize_model_grads` still runs: it reads routing counts, not the loss.)
+stops the run after `train.max_skipped_steps` skipped steps in a row. The aux-loss-free expert-bias
+update inside `finalize_model_grads` reads routing counts, not gradients, so it runs either way; a
+skipped step puts the bias back as it was before the step.
 
 A microbatch is a dict {"tokens", "labels", optional "loss_mask", optional "position_ids"}, each
 (B, S), and optional "images" (B, 3, H, W) for the image-text model; or a (tokens, labels) pair.
@@ -58,6 +59,7 @@ __all__ = [
     "forward_backward",
     "from_last_stage",
     "lm_forward_step",
+    "moe_routers",
     "train_step",
     "wrap_ddp",
 ]
@@ -155,6 +157,15 @@ def _grad_buffers(chunks) -> list[torch.Tensor]:
     return out
 
 
+def moe_routers(chunks):
+    """The MoE routers in `chunks` (Megatron-Core's TopKRouter: token counts, the expert bias -- None
+    without the aux-loss-free balancing)."""
+    for c in chunks:
+        for m in c.module.modules():
+            if hasattr(m, "local_tokens_per_expert") and hasattr(m, "expert_bias"):
+                yield m
+
+
 def _non_finite(chunks) -> bool:
     """Whether any rank has an inf/nan gradient (collective: the world; every rank takes part in the
     step). A non-finite loss makes every gradient it reaches nan, so the gradients are what is read
@@ -228,6 +239,10 @@ def train_step(
     observed = observe() if observe is not None else None
     crash_point("step")  # a crash drill's kill mid-step (megatron_step.training.faults)
     t1 = time.perf_counter()
+    # the expert bias as it was: a skipped step puts it back (finalize updates it from the routing
+    # counts, which are finite whatever the gradients are)
+    biases = [r.expert_bias for r in moe_routers(chunks) if optimizer and r.expert_bias is not None]
+    biases = [(b, b.detach().clone()) for b in biases]
     with phase("finalize"):
         finalize_model_grads(chunks)  # DP/TP/PP grad reductions + aux-loss-free expert-bias update
     t2 = time.perf_counter()
@@ -242,6 +257,9 @@ def train_step(
             for c in chunks:
                 c.zero_grad_buffer()
             optimizer.zero_grad()
+            with torch.no_grad():
+                for bias, before in biases:
+                    bias.copy_(before)
         else:
             ok, grad_norm, _ = optimizer.step()
     if ok and scheduler is not None:

@@ -30,6 +30,9 @@ ENV = "MEGATRON_STEP_INJECT_NAN"
 
 def _state(chunks, opt) -> dict[str, torch.Tensor]:
     out = {f"w.{k}": v.detach().clone() for k, v in chunks[0].module.named_parameters()}
+    # buffers too: the routers' aux-loss-free expert bias moves at every update
+    out.update({f"b.{k}": v.detach().clone() for k, v in chunks[0].module.named_buffers()})
+    assert any(k.endswith("expert_bias") for k in out), sorted(out)[:5]
     for j, leaf in enumerate(leaf_optimizers(opt)):
         for i, st in enumerate(leaf.optimizer.state.values()):
             for k, v in st.items():
