@@ -45,6 +45,7 @@ from megatron_step.rl.lockstep import mix_seed
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.routing_confidence import rollout_confidence
 from megatron_step.rl.tasks import Task
+from megatron_step.training.checkpoint import py_rng_state
 
 __all__ = ["Evaluator", "RolloutBatch", "RolloutSampler", "group_rollouts"]
 
@@ -66,12 +67,6 @@ def _same_data_group():
         return None
     group = ps.get_model_parallel_group()
     return group if dist.get_world_size(group) > 1 else None
-
-
-def _as_rng_state(state) -> tuple:
-    """random.Random's state as `setstate` takes it (a checkpoint may give lists for its tuples)."""
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 def group_rollouts(rollouts: list[Rollout]) -> list[list[Rollout]]:
@@ -155,7 +150,7 @@ class RolloutSampler:
     def load_state(self, shared: dict, own: dict | None, tokens_sampled_mean: float = 0.0) -> None:
         """Restore `state()`; `own` None (the checkpoint was written with another world size): the
         counters restart from the DP mean the run logged, so rl.max_tokens_sampled still holds."""
-        self.rng.setstate(_as_rng_state(shared["prompt_rng"]))
+        self.rng.setstate(py_rng_state(shared["prompt_rng"]))
         if own is None:
             self.failed, self.tokens_sampled = 0, int(round(tokens_sampled_mean))
         else:

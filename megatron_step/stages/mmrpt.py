@@ -147,8 +147,7 @@ class _Phase:
                 f"{loaded['path']}: not resumable here (written before MMRPT checkpointed its state, or "
                 "under another world size); train.resume=never with train.overwrite=true starts over"
             )
-        version, internal, gauss = loaded["rank_state"]["caption_rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(checkpoint.py_rng_state(loaded["rank_state"]["caption_rng"]))
         self.curve = log["curve"]
         self.monitor.message(f"resumed from {loaded['path']}")
         return log["start"], log["history"]

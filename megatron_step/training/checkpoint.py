@@ -276,6 +276,13 @@ def _load_model_state(chunks, loaded: dict, strict: bool = True, exclude: tuple[
             raise KeyError(f"loading {name}: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
 
 
+def py_rng_state(state) -> tuple:
+    """A `random.Random` state from a checkpoint as `setstate` takes it (the checkpoint may give lists
+    for its tuples)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def _rng_state() -> dict:
     return {
         "random": random.getstate(),
