@@ -14,6 +14,7 @@ pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.timeout(1800)  # several starts of the entry point (the default limit is 600 s)
 @pytest.mark.slow  # make test-all: 5 starts of the entry point (~2 min); the pieces are tested by default
 def test_a_pretraining_run_killed_at_random_points_gives_the_uninterrupted_curve(
     embedded_data, tmp_path, capsys
@@ -55,6 +56,7 @@ _RL_MODES = {  # 2 processes each: EP=2 (sync RL runs every layout), DP=2 (async
 }
 
 
+@pytest.mark.timeout(1800)  # several starts of the entry point (the default limit is 600 s)
 @pytest.mark.slow  # make test-all: 4 starts of 2 processes each (~4 min per mode)
 @pytest.mark.parametrize("mode", sorted(_RL_MODES))
 def test_an_rl_run_with_the_critic_killed_at_random_points_gives_the_uninterrupted_curve(
@@ -74,6 +76,7 @@ def test_an_rl_run_with_the_critic_killed_at_random_points_gives_the_uninterrupt
     assert out.count(" killed ") >= 1, out  # seed 1 draws at least one fault within the run
 
 
+@pytest.mark.timeout(1800)  # several starts of the entry point (the default limit is 600 s)
 @pytest.mark.slow  # make test-all: 4 starts of 2 processes (~6 min)
 def test_an_mmrpt_run_killed_at_random_points_gives_the_uninterrupted_curve(tmp_path, capsys):
     """MMRPT on 2 data-parallel ranks (the caption warm-up inside the first starts until it has its
@@ -100,6 +103,7 @@ def test_an_mmrpt_run_killed_at_random_points_gives_the_uninterrupted_curve(tmp_
     assert out.count(" killed ") >= 1, out
 
 
+@pytest.mark.timeout(1800)  # several starts of the entry point (the default limit is 600 s)
 @pytest.mark.slow  # make test-all: 4 starts of 2 processes (~3 min)
 def test_an_sft_run_killed_at_random_points_gives_the_uninterrupted_curve(embedded_data, tmp_path, capsys):
     """SFT on the embedded chats, 2 data-parallel ranks, killed and resumed: identical curves."""
