@@ -16,10 +16,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.timeout(1800)  # several starts of the entry point (the default limit is 600 s)
 @pytest.mark.slow  # make test-all: 5 starts of the entry point (~2 min); the pieces are tested by default
+@pytest.mark.parametrize("nproc", [1, 2])  # 2: DP=2 through torchrun
 def test_a_pretraining_run_killed_at_random_points_gives_the_uninterrupted_curve(
-    embedded_data, tmp_path, capsys
+    nproc, embedded_data, tmp_path, capsys
 ):
     argv = ["--config", os.path.join(REPO, "examples/tiny/tiny.yaml"), "--kills", "3", "--seed", "2"]
+    argv += ["--nproc", str(nproc)]
     argv += ["--out", str(tmp_path), f"data.data_dir={embedded_data}", "model.vocab_size=512"]
     argv += [
         "data.tokenizer_vocab_size=512",
