@@ -31,6 +31,7 @@ def test_a_pretraining_run_killed_at_random_points_gives_the_uninterrupted_curve
     ]
     rc = main(argv)
     out = capsys.readouterr().out
+    print(out)  # the drill's table, in the report of a passing run too (pytest -rA)
     assert rc == 0, out
     assert "drilled vs reference: identical" in out and "drill passed" in out, out
     assert out.count(" killed ") >= 2, out  # the drill did kill (seed 2 draws faults within 6 steps)
@@ -77,6 +78,7 @@ def test_an_rl_run_with_the_critic_killed_at_random_points_gives_the_uninterrupt
     argv += [f"rl.init_from={sft}", *_RL, *_RL_MODES[mode]]
     rc = main(argv)
     out = capsys.readouterr().out
+    print(out)  # the drill's table, in the report of a passing run too (pytest -rA)
     assert rc == 0, out
     assert "drilled vs reference: identical" in out and "drill passed" in out, out
     assert out.count(" killed ") == 2, out
@@ -105,6 +107,7 @@ def test_an_mmrpt_run_killed_at_random_points_gives_the_uninterrupted_curve(tmp_
     ]
     rc = main(argv)
     out = capsys.readouterr().out
+    print(out)  # the drill's table, in the report of a passing run too (pytest -rA)
     assert rc == 0, out
     assert "drilled vs reference: identical" in out and "drill passed" in out, out
     assert out.count(" killed ") == 2, out
@@ -126,6 +129,7 @@ def test_an_sft_run_killed_at_random_points_gives_the_uninterrupted_curve(embedd
     argv += ["train.eval_steps=2", "train.log_interval=1", "sft.embedded_train=128", "sft.embedded_valid=16"]
     rc = main(argv)
     out = capsys.readouterr().out
+    print(out)  # the drill's table, in the report of a passing run too (pytest -rA)
     assert rc == 0, out
     assert "drilled vs reference: identical" in out and "drill passed" in out, out
     assert out.count(" killed ") == 2, out
