@@ -6,7 +6,8 @@
     python posttrain/train_sft.py --config examples/sft/sft_tiny.yaml \\
         'sft.train_files=[chats.jsonl]' 'sft.valid_files=[chats_valid.jsonl]' train.init_from=runs/sft_tiny
     # CPU, 2 processes (DP=2)
-    torchrun --nproc-per-node 2 posttrain/train_sft.py --config examples/sft/sft_tiny.yaml train.run_dir=runs/sft_dp2
+    torchrun --nproc-per-node 2 posttrain/train_sft.py --config examples/sft/sft_tiny.yaml \\
+        train.run_dir=runs/sft_dp2
 
 Overrides are `section.field=value` (sections: model, parallel, data, optim, train, sft).
 The stage: megatron_step/stages/sft.py; the data and its checks: megatron_step/data/sft.py.
