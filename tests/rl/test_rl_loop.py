@@ -231,6 +231,15 @@ def test_a_resumed_async_actor_critic_run_equals_the_uninterrupted_one(dirs):
     assert curves["policy/staleness_kl"][3] != 0.0  # step 3 trains on version 0's rollouts: stale
 
 
+@pytest.mark.slow  # make test-all: 4 runs of 2 processes (~3 min)
+def test_a_resumed_async_run_on_two_dp_ranks_equals_the_uninterrupted_one(dirs):
+    """The async exact-staleness resume on two DP ranks: each rank saves and restores its own queue."""
+    extra = ("rl.async_mode=true", "rl.max_staleness=1", "rl.exact_staleness=true", "optim.lr=1e-3")
+    extra += ("rl.eval_problems=4", "rl.reward_fn=tests.rl._rewards_fixtures:length_reward")
+    curves = _resumed_equals_straight(dirs, "resume_async_dp2", extra, steps=3, stop=1, world=2)
+    assert curves["staleness/max"] == {1: 0, 2: 1, 3: 1}, curves["staleness/max"]
+
+
 def test_reward_model_tool_trains_and_scores(dirs, tmp_path):
     """Bradley-Terry training lowers its loss; the saved RM loads; the win-rate reward of the
     reference against itself is 0.5, and padding the same answer costs the length penalty."""
