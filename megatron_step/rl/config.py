@@ -14,6 +14,7 @@ from megatron_step.rl.critic import CriticConfig
 from megatron_step.rl.erl import ERLConfig
 from megatron_step.rl.lookup import LookupConfig
 from megatron_step.rl.losses import PolicyLossConfig
+from megatron_step.rl.sandbox import SandboxConfig
 
 
 @dataclass
@@ -157,8 +158,10 @@ class RLConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)  # override as rl.critic.<field>=value
     # --- rewards (megatron_step.rl.rewards) -------------------------------------------------------------
     # "package.module:callable" -- a RewardFn (prompt, response, reference) -> float, see
-    # megatron_step/rl/rewards.py; None: math correctness (weight 1) + format (reward_format_weight)
+    # megatron_step/rl/rewards.py; "code": the sandboxed code-execution reward (megatron_step.rl.
+    # code_reward, its limits in rl.code); None: math correctness (weight 1) + format (reward_format_weight)
     reward_fn: str | None = None
+    code: SandboxConfig = field(default_factory=SandboxConfig)  # override as rl.code.<field>=value
     reward_format_weight: float = 0.1
     reward_timeout_s: float = 10.0
     reward_workers: int = 1

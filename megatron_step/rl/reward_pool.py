@@ -39,6 +39,9 @@ class RewardResult:
     failed: bool  # True when the call raised, timed out, returned a non-finite/non-number, or crashed
     error: str | None  # why it failed: "timeout after 2.0 s", "ValueError: ...", "worker died (...)"
     seconds: float  # wall time of the call (measured in the worker; for a timeout, until the kill)
+    # what happened, for a reward that says (its `detailed` method, e.g. the code reward's "pass",
+    # "fail", "timeout", "crash"); None for a plain RewardFn or a failed call
+    outcome: str | None = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -52,8 +55,10 @@ def _worker_main(conn, payload: bytes) -> None:
     Wire protocol on `conn` (a duplex Pipe): the worker first sends ("ready", None), or
     ("init_error", text) if `fn` cannot be unpickled here (e.g. it lives in a module this fresh
     interpreter cannot import) and exits. Then, for each (index, prompt, response, reference) it
-    receives, it sends (index, value, error, seconds); None asks it to exit. fn is unpickled here, not
-    passed as a Process argument, so that failure is reported as text instead of a traceback on stderr.
+    receives, it sends (index, value, error, seconds, outcome); None asks it to exit. A fn with a
+    `detailed(prompt, response, reference) -> (value, outcome label)` method is called through it.
+    fn is unpickled here, not passed as a Process argument, so that failure is reported as text
+    instead of a traceback on stderr.
     """
     # Ctrl-C reaches the whole process group; the parent decides what to do, workers just keep quiet.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -64,6 +69,7 @@ def _worker_main(conn, payload: bytes) -> None:
         conn.close()
         return
     conn.send(("ready", None))
+    detailed = getattr(fn, "detailed", None)
     while True:
         try:
             msg = conn.recv()
@@ -74,8 +80,13 @@ def _worker_main(conn, payload: bytes) -> None:
             return
         index, prompt, response, reference = msg
         t0 = time.perf_counter()
+        outcome = None
         try:
-            out = fn(prompt, response, reference)
+            if detailed is not None:
+                out, outcome = detailed(prompt, response, reference)
+                outcome = str(outcome)
+            else:
+                out = fn(prompt, response, reference)
             # A str or a tensor would convert with float() and hide a bug: only real numbers count.
             if not isinstance(out, numbers.Real):
                 value, error = 0.0, f"TypeError: reward returned {type(out).__name__}, not a real number"
@@ -85,7 +96,7 @@ def _worker_main(conn, payload: bytes) -> None:
                 value, error = float(out), None
         except BaseException as e:  # isolation is the point: SystemExit and friends are failures too
             value, error = 0.0, _describe(e)
-        conn.send((index, value, error, time.perf_counter() - t0))
+        conn.send((index, value, error, time.perf_counter() - t0, None if error else outcome))
 
 
 @dataclass(eq=False)  # identity semantics: `list.index` must find this very worker
@@ -207,9 +218,9 @@ class RewardRunner:
                 if msg[0] == "ready":
                     w.state = "idle"
                     continue
-                index, value, error, seconds = msg
+                index, value, error, seconds, outcome = msg
                 results[index] = RewardResult(
-                    value=value, failed=error is not None, error=error, seconds=seconds
+                    value=value, failed=error is not None, error=error, seconds=seconds, outcome=outcome
                 )
                 self.failed_total += int(error is not None)
                 w.state, w.index = "idle", -1

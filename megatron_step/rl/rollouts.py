@@ -285,6 +285,10 @@ class RolloutSampler:
                 "rl/tokens_sampled": float(n_sampled),
             }
         )
+        # a reward that names its outcomes (the code reward: pass / fail / timeout / crash): how many of
+        # each; every label on every rank, so the DP mean sees the same keys everywhere
+        for label in getattr(self.runner.fn, "outcomes", ()):
+            stats[f"rl/reward_outcome_{label}"] = float(sum(r.outcome == label for r in results))
         stats.update(rollout_confidence([x.confidence for x in gens if x.confidence]))
         if batch.spec is not None:  # acceptance per draft depth: accepted / proposed at that depth
             proposed, accepted = batch.spec

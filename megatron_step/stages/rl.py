@@ -49,6 +49,7 @@ from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.models.step_flash import StepFlashConfig, build_step_flash
 from megatron_step.rl.async_gen import AsyncGenerator
 from megatron_step.rl.buffer import RolloutBuffer
+from megatron_step.rl.code_reward import CodeReward
 from megatron_step.rl.critic import Critic, critic_dir
 from megatron_step.rl.engine import Engine, unwrap_chunks
 from megatron_step.rl.lockstep import Lockstep
@@ -352,7 +353,7 @@ def train_rl(cfg: RLRunConfig) -> dict:
         mtp_cache=spec.mtp_cache,
         drafter=None if spec.refresh_drafter or not spec.tokens else _frozen_copy(model, cfg, chunks),
     )
-    reward = resolve_reward_fn(r.reward_fn)
+    reward = CodeReward(r.code) if r.reward_fn == "code" else resolve_reward_fn(r.reward_fn)
     if reward is None:  # the task's own (a tool task's exact answer), else math + format
         reward = (
             task.reward()
