@@ -81,10 +81,10 @@ class ChatTemplate:
             raise ChatError(f"{self.source}: {type(e).__name__}: {e}") from None
 
 
-def check_messages(messages) -> list[dict]:
+def check_messages(messages, need_assistant: bool = True) -> list[dict]:
     """`messages` as the OpenAI chat format has them: a non-empty list of {"role", "content"} with a
-    known role and text content, at least one assistant turn. Returns it; raises ChatError naming the
-    message that is wrong."""
+    known role and text content, at least one assistant turn (`need_assistant`: a conversation to
+    train on; an RL prompt has none). Returns it; raises ChatError naming the message that is wrong."""
     if not isinstance(messages, list) or not messages:
         raise ChatError(f"messages: expected a non-empty list of {{role, content}}, got {messages!r:.80}")
     for i, m in enumerate(messages):
@@ -94,7 +94,7 @@ def check_messages(messages) -> list[dict]:
             raise ChatError(f"messages[{i}].role={m['role']!r}: expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise ChatError(f"messages[{i}].content: expected text, got {type(m['content']).__name__}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ChatError("messages: no assistant turn, nothing to train on")
     return messages
 

@@ -120,3 +120,7 @@ class CodeReward:
 
     def __call__(self, prompt: str, response: str, reference: str) -> float:
         return self.detailed(prompt, response, reference)[0]
+
+    def check_reference(self, reference: str) -> None:
+        """Raise ValueError when `reference` is not a tests object (checked as a dataset is read)."""
+        parse_reference(reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_step.rl.critic import CriticConfig
+from megatron_step.rl.dataset import RLDataConfig
 from megatron_step.rl.erl import ERLConfig
 from megatron_step.rl.lookup import LookupConfig
 from megatron_step.rl.losses import PolicyLossConfig
@@ -117,6 +118,9 @@ class RLConfig:
     # "lookup": multi-hop questions answered through a search tool (megatron_step.rl.lookup); its
     # rollouts are tool rollouts (rl.rollout plain: no rollback, erl: step-level rollbacks)
     lookup: LookupConfig = field(default_factory=LookupConfig)  # override as rl.lookup.<field>=value
+    # "dataset": problems from the user's JSONL files, each scored by the reward its data_source names
+    # (megatron_step.rl.dataset; the files and keys: rl.data.<field>=value)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
     eval_problems: int = 128  # held-out split, greedy decoding
     # + this many sampled responses per held-out problem at the rollout temperature (0: greedy only):
     # the sampled accuracy is what RL optimises, and 4 x 128 samples halve the noise of 128 greedy
@@ -209,6 +213,11 @@ class RLConfig:
             raise ValueError(
                 f"rl.exact_staleness=true with rl.max_ahead={self.max_ahead} > rl.max_staleness="
                 f"{self.max_staleness}: every batch would be dropped as stale while the trainer waits for it"
+            )
+        if (self.task == "dataset") != bool(self.data.train):
+            raise ValueError(
+                f"rl.task={self.task!r} with rl.data.train={self.data.train}: problem files go with "
+                "rl.task=dataset, and rl.task=dataset needs them (rl.data.train=[file.jsonl, ...])"
             )
         if self.rollout not in ("plain", "e3rl", "erl"):
             raise ValueError(f"rl.rollout={self.rollout!r}: one of plain, e3rl, erl")

@@ -183,17 +183,28 @@ def register_policy_loss(name: str, fn: PerTokenLoss) -> None:
     POLICY_LOSSES[name] = fn
 
 
-def group_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
+def group_advantages(
+    rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6, valid: Tensor | None = None
+) -> Tensor:
     """GRPO advantages: (reward - group mean) / (group std + eps), per row of `rewards` (N_groups, G).
 
     The std is the *population* std (divide by G, not G - 1): the G samples are the whole group being
     normalised, a group of one gives advantage 0 instead of nan, and the advantages of a group have mean
     0 and mean square ~1. verl and TRL use torch.std's sample std; theirs are ours x sqrt((G - 1) / G)
     (0.968 at G = 16). A group with equal rewards gets advantage 0 (no signal) either way.
-    normalize_std=False only centres (Dr. GRPO: the division up-weights near-uniform groups)."""
+    normalize_std=False only centres (Dr. GRPO: the division up-weights near-uniform groups).
+    `valid` (N, G) bool: the statistics of each group over its valid entries only (a failed reward
+    call has no reward: it must not pull its group's baseline), advantage 0 elsewhere."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (N_groups, G), got shape {tuple(rewards.shape)}")
     r = rewards.to(F32)  # (N, G)
+    if valid is not None:
+        v = valid.to(F32)
+        n = v.sum(dim=1, keepdim=True).clamp_min(1.0)
+        centred = (r - (r * v).sum(dim=1, keepdim=True) / n) * v
+        if not normalize_std:
+            return centred
+        return centred / ((centred.square().sum(dim=1, keepdim=True) / n).sqrt() + eps)
     centred = r - r.mean(dim=1, keepdim=True)
     if not normalize_std:
         return centred

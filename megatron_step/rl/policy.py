@@ -376,7 +376,11 @@ class PolicyUpdate:
         `advantages`: per response token, nested as `groups` (the critic's GAE, rl.critic); None: the
         GRPO group advantages of the rewards."""
         if advantages is None:
-            adv = group_advantages(torch.tensor([[r.reward for r in grp] for grp in groups]))
+            rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
+            failed = torch.tensor([[r.reward_failed for r in grp] for grp in groups], dtype=torch.bool)
+            # a failed reward call (raised, timed out, a sandbox that could not start) has no reward: its
+            # group's baseline is over the others
+            adv = group_advantages(rewards, valid=~failed if failed.any() else None)
 
         def advantage(i: int, j: int, r: Rollout):
             if advantages is not None:  # per token, as given
@@ -390,7 +394,7 @@ class PolicyUpdate:
         parts: list[list[dict]] = [[] for _ in range(k)]
         for i, grp in enumerate(groups):
             for j, r in enumerate(grp):
-                if r.reward_failed:  # scores 0 in its group's statistics but is not trained on
+                if r.reward_failed:  # out of its group's statistics, and not trained on
                     continue
                 item = {
                     "prompt_ids": r.prompt_ids,

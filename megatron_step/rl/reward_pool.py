@@ -84,7 +84,7 @@ def _worker_main(conn, payload: bytes) -> None:
         try:
             if detailed is not None:
                 out, outcome = detailed(prompt, response, reference)
-                outcome = str(outcome)
+                outcome = None if outcome is None else str(outcome)
             else:
                 out = fn(prompt, response, reference)
             # A str or a tensor would convert with float() and hide a bug: only real numbers count.

@@ -24,6 +24,7 @@ __all__ = [
     "format_reward",
     "math_reward",
     "default_reward",
+    "exact_reward",
     "normalize_answer",
     "resolve_callable",
     "resolve_reward_fn",
@@ -131,6 +132,15 @@ def math_reward(prompt: str, response: str, reference: str) -> float:
     if _INT.fullmatch(a) and _INT.fullmatch(r):
         return 0.0
     return 1.0 if _symbolically_equal(reference, answer) else 0.0
+
+
+def exact_reward(prompt: str, response: str, reference: str) -> float:
+    """1.0 if the response's <answer> equals `reference` after `normalize_answer` on both sides (no
+    symbolic equivalence: "1/2" is not "0.5"), else 0.0. For labels that are names, codes or choices."""
+    answer = extract_answer(response)
+    if not answer:
+        return 0.0
+    return 1.0 if normalize_answer(answer) == normalize_answer(reference) else 0.0
 
 
 def format_reward(prompt: str, response: str, reference: str) -> float:

@@ -107,9 +107,12 @@ class RolloutSampler:
     ):
         self.rl, self.task, self.tok, self.engine, self.runner = rl, task, tokenizer, engine, runner
         self.run_dir, self.preference = run_dir, preference  # preference: rl.reward_model.PreferenceReward
+        # a task's end-of-turn text (a chat template's) stops generation as eos does
+        self.stop_ids = self._stop_ids(task, tokenizer)
         self.params = SamplingParams(
-            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k
-        )
+            max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+            stop_ids=self.stop_ids,
+        )  # fmt: skip
         # RL prompts come from a different seed than the SFT targets: the policy has not seen these
         # worked solutions (both are train-split problems; held-out stays unseen)
         self.pool = task.train(POOL_SIZE, seed + 29)
@@ -138,6 +141,20 @@ class RolloutSampler:
                 f"rl.rollout=e3rl with rl.task={rl.task!r}, a tool task: use rl.rollout=plain or erl"
             )
         self.erl = rl.erl if rl.rollout == "erl" else dataclasses.replace(rl.erl, max_rollbacks=0)
+
+    @staticmethod
+    def _stop_ids(task, tokenizer) -> tuple[int, ...]:
+        texts = task.stop_texts() if callable(getattr(task, "stop_texts", None)) else []
+        ids = []
+        for text in texts:
+            got = tokenizer.encode(text)
+            if len(got) != 1:
+                raise ValueError(
+                    f"the stop text {text!r} (rl.data.stop) is {len(got)} tokens for this tokenizer; "
+                    "generation stops on one token: use a special token of the chat template"
+                )
+            ids += got
+        return tuple(ids)
 
     # -- checkpointed state (megatron_step.stages.rl: exact resume) --------------------------------------
     def state(self) -> tuple[dict, dict]:
@@ -259,7 +276,7 @@ class RolloutSampler:
                 reward_failed=res.failed,
                 routing=gen.routing,
                 adv_scale=None if batch.adv_scale is None else batch.adv_scale[i],
-                truncated=not gen.response_ids or gen.response_ids[-1] != self.tok.eos,
+                truncated=not gen.response_ids or gen.response_ids[-1] not in (self.tok.eos, *self.stop_ids),
                 sampled_mask=gen.info.get("sampled_mask"),
                 info={"correct": correct[i], "entropy": sum(gen.entropies) / max(1, len(gen.entropies))},
             )
@@ -356,7 +373,7 @@ class Evaluator:
         # a tool task is evaluated through the tool loop without rollbacks: the policy's own success
         greedy = s.rollouts(
             prompts,
-            SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True),
+            SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True, stop_ids=s.stop_ids),
             [(i,) for i in ids],
             record_routing=False,
             rollbacks=False,
@@ -371,6 +388,7 @@ class Evaluator:
                 top_p=r.top_p,
                 top_k=r.top_k,
                 seed=0,
+                stop_ids=s.stop_ids,
             )
             sampled = s.rollouts(
                 [p for p in prompts for _ in range(k)],

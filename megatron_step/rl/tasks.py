@@ -253,7 +253,8 @@ class ArithmeticTask:
 
 def make_task(rl: RLConfig) -> Task:
     """The task `rl.task` names: "arithmetic" (the embedded default, shaped by `rl.task_*`), "lookup"
-    (multi-hop questions through a search tool, `rl.lookup`), or a
+    (multi-hop questions through a search tool, `rl.lookup`), "dataset" (the user's problem files,
+    `rl.data`), or a
     `package.module:callable` taking the RLConfig and returning a Task."""
     if rl.task == "arithmetic":
         return ArithmeticTask(rl.task_min_steps, rl.task_max_steps, rl.task_max_operand)
@@ -261,6 +262,10 @@ def make_task(rl: RLConfig) -> Task:
         from megatron_step.rl.lookup import LookupTask  # lookup imports this module (split_of)
 
         return LookupTask(rl.lookup)
+    if rl.task == "dataset":
+        from megatron_step.rl.dataset import DatasetTask  # dataset imports this module (split_of)
+
+        return DatasetTask(rl.data, rl.code)
     task = resolve_callable(rl.task, "rl.task")(rl)
     if not isinstance(task, Task):
         raise ValueError(f"rl.task={rl.task!r} returned {type(task).__name__}, not a Task (rl/tasks.py)")

@@ -390,6 +390,8 @@ def train_rl(cfg: RLRunConfig) -> dict:
         )  # fmt: skip
     monitor = Monitor(t.run_dir, t.steps, start or 0, enabled=is_logging_rank())
     banner = {"init_from": init_from, **({"critic_from": critic.loaded} if critic else {})}
+    if callable(getattr(task, "info", None)):  # a dataset task: records read, skipped, sources
+        banner["rl_data"] = task.info()
     monitor.banner(run_banner(env, cfg.to_dict(), resumed_from_step=start or 0, **banner))
     run = _Run(cfg, chunks, optimizer, scheduler, sampler, evaluator, update, monitor, critic=critic)
     try:

@@ -102,6 +102,19 @@ def test_group_advantages_center_only_and_singleton_group():
         group_advantages(t32([1.0, 2.0]))
 
 
+def test_a_failed_reward_is_out_of_its_groups_baseline():
+    # group 0: [1, 0, <failed>, 1] -> the statistics of [1, 0, 1]: mean 2/3, std sqrt(2/9)
+    rewards = t32([[1.0, 0.0, 0.0, 1.0], [0.0, 3.0, 1.0, 2.0]])
+    valid = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    adv = group_advantages(rewards, valid=valid)
+    alone = group_advantages(t32([[1.0, 0.0, 1.0]]))[0]
+    assert_close(adv[0, [0, 1, 3]], alone, atol=1e-6, rtol=0)
+    assert adv[0, 2].item() == 0.0
+    assert_close(adv[1], group_advantages(rewards[1:])[0], atol=1e-6, rtol=0)  # all valid: as before
+    # counting the failed call as a 0 would move the baseline: not what we do
+    assert abs(adv[0, 0].item() - group_advantages(rewards)[0, 0].item()) > 0.1
+
+
 # -- grpo -----------------------------------------------------------------------------------------------
 
 

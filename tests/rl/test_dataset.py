@@ -1,0 +1,172 @@
+"""megatron_step.rl.dataset: the user's problem files -- read, checked (file:line: field), routed to
+the reward their data_source names -- and an RL run on them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megatron_step import platform
+from megatron_step.config.run import RLRunConfig, load_run_config
+from megatron_step.rl.dataset import DatasetTask, RLDataConfig, RLDataError
+from megatron_step.rl.reward_pool import RewardRunner
+from megatron_step.rl.sandbox import SandboxConfig
+from megatron_step.rl.tasks import arithmetic_problems, prompt_text
+from megatron_step.stages.rl import train_rl
+from megatron_step.testing import run_distributed
+from megatron_step.testing.golden import read_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CODE = SandboxConfig(cpu_s=1, wall_s=20)
+SQUARE = {"test": "def check(f):\n    assert f(3) == 9\n", "entry_point": "square"}
+
+
+def write(path, rows) -> str:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return str(path)
+
+
+def task(tmp_path, rows, **kw) -> DatasetTask:
+    cfg = RLDataConfig(train=[write(tmp_path / "train.jsonl", rows)], **kw)
+    return DatasetTask(cfg, CODE)
+
+
+def test_prompts_are_rendered_with_the_chat_template_or_kept_raw(tmp_path):
+    rows = [
+        {"prompt": "What is 2 + 3?", "label": 5},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "label": "x",
+        },
+    ]
+    t = task(tmp_path, rows, eval=[write(tmp_path / "eval.jsonl", rows[:1])])
+    chat = t.train(10, 0)
+    assert chat[0].prompt == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat[0].label == "5"  # a number is taken as its text
+    assert chat[1].prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    assert t.stop_texts() == ["<|im_end|>"]
+    raw = task(tmp_path, rows[:1], eval=[write(tmp_path / "eval.jsonl", rows[:1])], prompt_format="raw")
+    assert raw.train(10, 0)[0].prompt == "What is 2 + 3?" and raw.stop_texts() == []
+    with pytest.raises(RLDataError, match=r"train.jsonl:2: field 'prompt': chat messages need"):
+        task(tmp_path, rows, prompt_format="raw")
+
+
+def test_without_eval_files_a_hashed_tenth_is_held_out_and_never_trained_on(tmp_path):
+    rows = [{"prompt": prompt_text(p), "label": p.answer} for p in arithmetic_problems(300, seed=1)]
+    rows = list({r["prompt"]: r for r in rows}.values())  # distinct prompts
+    t = task(tmp_path, rows, prompt_format="raw")
+    train, held = {p.prompt for p in t.train(10**6, 0)}, {p.prompt for p in t.heldout(10**6, 0)}
+    assert train and held and not train & held and len(train) + len(held) == len(rows)
+    assert 0.03 < len(held) / len(rows) < 0.2
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (["{not json"], r"train.jsonl:1: not JSON"),
+        ([{"question": "2 + 3"}], r"train.jsonl:1: no field 'prompt'; its fields: \['question'\]"),
+        ([{"prompt": "2 + 3"}], r"train.jsonl:1: no field 'label'"),
+        ([{"prompt": "", "label": "5"}], r"train.jsonl:1: field 'prompt': expected non-empty text"),
+        ([{"prompt": "a", "label": "1"}, {"prompt": "b", "label": None}], r"train.jsonl:2: field 'label'"),
+        (
+            [{"prompt": "a", "label": "{bad", "data_source": "mbpp"}],
+            r"train.jsonl:1: field 'label': code reference is not JSON",
+        ),
+        (
+            [{"prompt": "a", "label": "1", "data_source": 7}],
+            r"train.jsonl:1: field 'data_source': expected text",
+        ),
+        ([], r"train.jsonl: empty file"),
+    ],
+)
+def test_bad_records_are_named_by_file_line_and_field(tmp_path, rows, match):
+    with pytest.raises(RLDataError, match=match):
+        task(tmp_path, rows, rewards={"mbpp": "code"})
+
+
+def test_a_missing_file_and_a_bad_reward_name_are_clear(tmp_path):
+    with pytest.raises(RLDataError, match=r"nope.jsonl: no such file"):
+        DatasetTask(RLDataConfig(train=[str(tmp_path / "nope.jsonl")]), CODE)
+    with pytest.raises(ValueError, match=r"rl.data.rewards.mbpp='python': expected math, exact, code"):
+        task(tmp_path, [{"prompt": "a", "label": "1"}], rewards={"mbpp": "python"})
+
+
+def test_skip_bad_lines_counts_them(tmp_path):
+    good = [{"prompt": f"q{i}", "label": str(i)} for i in range(40)]
+    held = [write(tmp_path / "eval.jsonl", good[:2])]
+    t = task(tmp_path, ["{not json", *good, {"prompt": "q"}], skip_bad_lines=True, eval=held)
+    assert t.skipped == 2 and t.reasons[0].endswith(
+        "train.jsonl:1: not JSON (Expecting property name enclosed in double quotes at column 2)"
+    )
+    assert (t.info()["train"], t.info()["heldout"]) == (40, 2)
+
+
+def test_rewards_are_routed_by_data_source_and_code_outcomes_counted(tmp_path):
+    rows = [
+        {"prompt": "What is 1/2?", "label": "0.5", "data_source": "math"},
+        {"prompt": "Name it", "label": "0.5", "data_source": "quiz"},
+        {"prompt": "Write square(x)", "label": SQUARE, "data_source": "mbpp"},
+    ]
+    t = task(
+        tmp_path, rows, eval=[write(tmp_path / "e.jsonl", rows)], rewards={"quiz": "exact", "mbpp": "code"}
+    )
+    math_p, quiz_p, code_p = t.heldout(3, 0)
+    half = "<answer>\\frac{1}{2}</answer>"
+    program = "```python\ndef square(x):\n    return x * x\n```"
+    items = [
+        ("", half, t.reference(math_p)),  # math-verify: 1/2 == 0.5
+        ("", half, t.reference(quiz_p)),  # exact: not the same text
+        ("", program, t.reference(code_p)),
+        ("", "```python\ndef square(x):\n    return x\n```", t.reference(code_p)),
+    ]
+    with RewardRunner(t.reward(), timeout_s=30, workers=2) as runner:
+        got = [(r.value, r.outcome, r.failed) for r in runner.run(items)]
+    assert got == [(1.0, None, False), (0.0, None, False), (1.0, "pass", False), (0.0, "fail", False)]
+    assert t.reward().outcomes == ("pass", "fail", "timeout", "crash")
+    assert t.correct(code_p, program) and not t.correct(quiz_p, half)
+
+
+def rl_body(rank, world_size, data_dir, run_dir, init_from, files):
+    overrides = [
+        "model.vocab_size=512", "data.tokenizer_vocab_size=512", "train.steps=3", "train.micro_batch_size=4",
+        "train.log_interval=1", "train.eval_interval=3", "rl.prompts_per_step=4", "rl.group_size=2",
+        "rl.max_new_tokens=10", "rl.eval_problems=4", "rl.eval_samples=0", f"data.data_dir={data_dir}",
+        f"train.run_dir={run_dir}", f"rl.init_from={init_from}", "rl.task=dataset",
+        f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]", "rl.data.prompt_format=raw",
+        "rl.data.rewards.mbpp=code", "rl.code.cpu_s=1", "rl.code.wall_s=20", "rl.reward_workers=2",
+    ]  # fmt: skip
+    cfg = load_run_config(os.path.join(REPO, "examples/rl/rl_tiny.yaml"), overrides, RLRunConfig)
+    try:
+        return train_rl(cfg)
+    finally:
+        platform.teardown()
+
+
+@pytest.mark.distributed
+def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sandbox(
+    tmp_path, embedded_data, golden_run
+):
+    """The golden warm-up policy (arithmetic in the "Q: ...\\nA:" frame) on a file mixing arithmetic
+    and code problems: the run trains, and every code rollout's sandbox outcome is counted."""
+    sft = os.path.join(golden_run("rl_sync"), "rl_sft")
+    arith = [
+        {"prompt": prompt_text(p), "label": p.answer, "data_source": "arith"}
+        for p in arithmetic_problems(12, seed=3, max_steps=1, max_operand=5)
+    ]
+    code = [{"prompt": "Q: Write square(x).\nA:", "label": SQUARE, "data_source": "mbpp"}] * 4
+    files = [write(tmp_path / "train.jsonl", arith + code), write(tmp_path / "eval.jsonl", arith[:4])]
+    run_distributed(rl_body, 1, str(embedded_data), str(tmp_path / "run"), sft, files)
+    curves = read_run(str(tmp_path / "run"))
+    outcomes = [curves[f"rl/reward_outcome_{x}"] for x in ("pass", "fail", "timeout", "crash")]
+    per_step = [sum(c[s] for c in outcomes) for s in (1, 2, 3)]
+    assert all(n == int(n) for n in per_step) and sum(per_step) > 0  # some code prompts were drawn
+    assert set(curves["rl/reward_failed"].values()) == {0.0}
+    assert sorted(curves["rl/accuracy_heldout"]) == [0, 3]
+    with open(tmp_path / "run" / "run_info.json") as f:
+        info = json.load(f)
+    assert info["rl_data"]["sources"] == ["arith", "mbpp"] and info["rl_data"]["skipped"] == 0
