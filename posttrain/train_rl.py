@@ -8,9 +8,10 @@
     torchrun --nproc-per-node 2 posttrain/train_rl.py --config examples/rl/rl_tiny.yaml
     # one GPU
     python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml model.bf16=true
-    # your problems (JSONL: prompt, label, data_source), each source scored by its reward
+    # your problems (JSONL: prompt, label, data_source), each source scored by its reward, from SFT
     python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.task=dataset \
-        'rl.data.train=[problems.jsonl]' rl.data.rewards.mbpp=code rl.init_from=runs/sft_tiny
+        'rl.data.train=[examples/rl/problems_tiny.jsonl]' rl.data.rewards.mbpp=code \
+        rl.init_from=runs/sft_tiny model.seq_length=128 train.run_dir=runs/rl_data
 
 Overrides are `section.field=value` (sections: model, parallel, data, optim, train, rl).
 The stage: megatron_step/stages/rl.py; losses (GRPO/TIS/MIS-PO): megatron_step/rl/losses.py.
@@ -26,6 +27,7 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 
 from megatron_step import platform  # noqa: E402
 from megatron_step.config.run import RLRunConfig, cli_run_config  # noqa: E402
+from megatron_step.data.chat import ChatError  # noqa: E402
 from megatron_step.rl.dataset import RLDataError  # noqa: E402
 from megatron_step.stages.rl import train_rl  # noqa: E402
 from megatron_step.training.checkpoint import RunDirError  # noqa: E402
@@ -35,7 +37,7 @@ def main(argv=None) -> dict:
     cfg, _ = cli_run_config("Step 3.5 Flash off-policy RL (Megatron-Core)", argv, RLRunConfig)
     try:
         out = train_rl(cfg)
-    except RLDataError as e:  # a problem file, a line, a field that cannot be used
+    except (RLDataError, ChatError) as e:  # a problem file, a line, a field, a template that cannot be used
         sys.exit(f"data error: {e}")
     except (RunDirError, FloatingPointError) as e:  # the run directory / too many inf-nan steps
         sys.exit(f"run error: {e}")
