@@ -64,3 +64,8 @@ def flaky_reward(prompt: str, response: str, reference: str) -> float:
     if h % 17 == 1:
         time.sleep(60)
     return 1.0 if reference in response else 0.0
+
+
+def broken_reward(prompt: str, response: str, reference: str) -> float:
+    """Always raises: every call is a failed reward call (tools/evaluate.py counts them)."""
+    raise RuntimeError("this reward is broken")
