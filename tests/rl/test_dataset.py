@@ -12,11 +12,12 @@ from megatron_step import platform
 from megatron_step.config.run import RLRunConfig, load_run_config
 from megatron_step.rl.dataset import DatasetTask, RLDataConfig, RLDataError
 from megatron_step.rl.reward_pool import RewardRunner
+from megatron_step.rl.rollouts import POOL_SIZE
 from megatron_step.rl.sandbox import SandboxConfig
-from megatron_step.rl.tasks import arithmetic_problems, prompt_text
+from megatron_step.rl.tasks import ArithmeticTask, arithmetic_problems, prompt_text
 from megatron_step.stages.rl import train_rl
 from megatron_step.testing import run_distributed
-from megatron_step.testing.golden import read_run
+from megatron_step.testing.golden import compare, format_rows, read_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CODE = SandboxConfig(cpu_s=1, wall_s=20)
@@ -170,3 +171,46 @@ def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sa
     with open(tmp_path / "run" / "run_info.json") as f:
         info = json.load(f)
     assert info["rl_data"]["sources"] == ["arith", "mbpp"] and info["rl_data"]["skipped"] == 0
+
+
+def embedded_body(rank, world_size, data_dir, run_dir, init_from, extra):
+    overrides = [
+        "model.vocab_size=512", "data.tokenizer_vocab_size=512", "train.steps=3", "train.micro_batch_size=4",
+        "train.log_interval=1", "train.eval_interval=3", "rl.prompts_per_step=2", "rl.group_size=3",
+        "rl.max_new_tokens=10", "rl.eval_problems=6", f"data.data_dir={data_dir}",
+        f"train.run_dir={run_dir}", f"rl.init_from={init_from}", *extra,
+    ]  # fmt: skip
+    cfg = load_run_config(os.path.join(REPO, "examples/rl/rl_tiny.yaml"), overrides, RLRunConfig)
+    try:
+        return train_rl(cfg)
+    finally:
+        platform.teardown()
+
+
+@pytest.mark.distributed
+def test_the_embedded_problems_written_to_a_file_train_exactly_as_the_embedded_task(
+    tmp_path, embedded_data, golden_run, monkeypatch
+):
+    """The dataset path against the embedded one: a file holding the embedded task's own prompt pool and
+    held-out problems, in the order it draws them, prompts raw, scored by the embedded reward, gives
+    the embedded run's every scalar bit for bit (same prompts, rewards, keys and updates)."""
+    monkeypatch.chdir(REPO)  # the reward workers import tests.rl._dataset_fixtures
+    sft = os.path.join(golden_run("rl_sync"), "rl_sft")
+    task, seed = ArithmeticTask(), 1234  # rl_tiny.yaml's task_* and train.seed
+    pool = [{"prompt": prompt_text(p), "label": p.answer} for p in task.train(POOL_SIZE, seed + 29)]
+    held = [{"prompt": prompt_text(p), "label": p.answer} for p in task.heldout(6, seed)]
+    files = [write(tmp_path / "pool.jsonl", pool), write(tmp_path / "held.jsonl", held)]
+    dataset = [
+        "rl.task=dataset", f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]",
+        "rl.data.prompt_format=raw", "rl.data.default_reward=tests.rl._dataset_fixtures:embedded_reward",
+    ]  # fmt: skip
+    runs = {"embedded": (), "dataset": tuple(dataset)}
+    for name, extra in runs.items():
+        run_distributed(embedded_body, 1, str(embedded_data), str(tmp_path / name), sft, extra)
+    timing = ("seconds", "per_sec", "tflops", "mfu")
+    want, got = (read_run(str(tmp_path / name)) for name in runs)
+    want = {k: v for k, v in want.items() if not any(t in k for t in timing)}
+    got = {k: v for k, v in got.items() if k in want}
+    assert set(got) == set(want) and len(want) > 20
+    rows = compare(want, got, rtol=0.0)
+    assert all(r.ok for r in rows), format_rows(rows, ("embedded", "dataset"), only_bad=True)
