@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,6 @@ from megatron_step.config.run import RLRunConfig, load_run_config
 from megatron_step.rl.tasks import arithmetic_problems, prompt_text
 from megatron_step.stages.evaluate import evaluate
 from megatron_step.testing import run_distributed
-from tools.evaluate import main
 
 pytestmark = pytest.mark.distributed
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,26 +78,24 @@ def test_two_data_parallel_ranks_give_the_numbers_of_one_process(setup):
     assert two[0] == two[1] == one
 
 
-def test_the_entry_point_names_a_missing_checkpoint_and_a_bad_line(setup, tmp_path, capsys):
-    common = ["--config", "examples/rl/rl_tiny.yaml", *OVERRIDES, f"data.data_dir={setup['data']}"]
-    with pytest.raises(SystemExit, match=r"error: .*empty_run: no checkpoint to evaluate"):
-        main([*common, "--checkpoint", str(tmp_path / "empty_run"), "--data", setup["file"]])
+def _cli(*args) -> subprocess.CompletedProcess:
+    """tools/evaluate.py in its own process (an in-process run would leave torch.distributed's
+    environment -- RANK, MASTER_PORT -- in this one for every later test)."""
+    cmd = [sys.executable, "tools/evaluate.py", "--config", "examples/rl/rl_tiny.yaml", *OVERRIDES, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_entry_point_names_a_missing_checkpoint_and_a_bad_line(setup, tmp_path):
+    common = [f"data.data_dir={setup['data']}"]
+    p = _cli(*common, "--checkpoint", str(tmp_path / "empty_run"), "--data", setup["file"])
+    assert p.returncode == 1 and "empty_run: no checkpoint to evaluate" in p.stderr.splitlines()[-1], p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q: 1 + 1?\\nA:", "label": "2"}\n{"prompt": "x"}\n')
-    with pytest.raises(SystemExit, match=r"data error: .*bad.jsonl:2: no field 'label'"):
-        main([*common, "--checkpoint", setup["ckpt"], "--data", str(bad)])
-    out = main(
-        [
-            *common,
-            "--checkpoint",
-            setup["ckpt"],
-            "--data",
-            setup["file"],
-            "--k",
-            "1",
-            "--out",
-            str(tmp_path / "r.json"),
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert "avg@1" in printed and "right" in printed and json.loads((tmp_path / "r.json").read_text()) == out
+    p = _cli(*common, "--checkpoint", setup["ckpt"], "--data", str(bad))
+    last = p.stderr.splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("data error: ") and "bad.jsonl:2: no field 'label'" in last
+    out = tmp_path / "r.json"
+    p = _cli(*common, "--checkpoint", setup["ckpt"], "--data", setup["file"], "--k", "1", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    assert "avg@1" in p.stdout and "right" in p.stdout and result["k"] == 1 and result["problems"] == 14
