@@ -10,7 +10,8 @@
     python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml model.bf16=true
     # your problems (JSONL: prompt, label, data_source), each source scored by its reward, from SFT
     python posttrain/train_rl.py --config examples/rl/rl_tiny.yaml rl.task=dataset \
-        'rl.data.train=[examples/rl/problems_tiny.jsonl]' rl.data.rewards.mbpp=code \
+        'rl.data.train=[examples/rl/problems_tiny.jsonl]' \
+        'rl.data.eval=[examples/rl/problems_tiny_eval.jsonl]' rl.data.rewards.mbpp=code \
         rl.init_from=runs/sft_tiny model.seq_length=128 train.run_dir=runs/rl_data
 
 Overrides are `section.field=value` (sections: model, parallel, data, optim, train, rl).
