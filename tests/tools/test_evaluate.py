@@ -82,7 +82,9 @@ def _cli(*args) -> subprocess.CompletedProcess:
     """tools/evaluate.py in its own process (an in-process run would leave torch.distributed's
     environment -- RANK, MASTER_PORT -- in this one for every later test)."""
     cmd = [sys.executable, "tools/evaluate.py", "--config", "examples/rl/rl_tiny.yaml", *OVERRIDES, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # the repository on the path: the broken reward lives in tests.rl._rewards_fixtures
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_entry_point_names_a_missing_checkpoint_and_a_bad_line(setup, tmp_path):
