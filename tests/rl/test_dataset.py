@@ -132,14 +132,11 @@ def test_rewards_are_routed_by_data_source_and_code_outcomes_counted(tmp_path):
     assert t.correct(code_p, program) and not t.correct(quiz_p, half)
 
 
-def rl_body(rank, world_size, data_dir, run_dir, init_from, files):
+def rl_body(rank, world_size, data_dir, run_dir, init_from, extra):
     overrides = [
         "model.vocab_size=512", "data.tokenizer_vocab_size=512", "train.steps=3", "train.micro_batch_size=4",
-        "train.log_interval=1", "train.eval_interval=3", "rl.prompts_per_step=4", "rl.group_size=2",
-        "rl.max_new_tokens=10", "rl.eval_problems=4", "rl.eval_samples=0", f"data.data_dir={data_dir}",
-        f"train.run_dir={run_dir}", f"rl.init_from={init_from}", "rl.task=dataset",
-        f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]", "rl.data.prompt_format=raw",
-        "rl.data.rewards.mbpp=code", "rl.code.cpu_s=1", "rl.code.wall_s=20", "rl.reward_workers=2",
+        "train.log_interval=1", "train.eval_interval=3", "rl.max_new_tokens=10", f"data.data_dir={data_dir}",
+        f"train.run_dir={run_dir}", f"rl.init_from={init_from}", *extra,
     ]  # fmt: skip
     cfg = load_run_config(os.path.join(REPO, "examples/rl/rl_tiny.yaml"), overrides, RLRunConfig)
     try:
@@ -161,7 +158,13 @@ def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sa
     ]
     code = [{"prompt": "Q: Write square(x).\nA:", "label": SQUARE, "data_source": "mbpp"}] * 4
     files = [write(tmp_path / "train.jsonl", arith + code), write(tmp_path / "eval.jsonl", arith[:4])]
-    run_distributed(rl_body, 1, str(embedded_data), str(tmp_path / "run"), sft, files)
+    extra = [
+        "rl.prompts_per_step=4", "rl.group_size=2", "rl.eval_problems=4", "rl.eval_samples=0",
+        "rl.task=dataset", f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]",
+        "rl.data.prompt_format=raw", "rl.data.rewards.mbpp=code", "rl.code.cpu_s=1", "rl.code.wall_s=20",
+        "rl.reward_workers=2",
+    ]  # fmt: skip
+    run_distributed(rl_body, 1, str(embedded_data), str(tmp_path / "run"), sft, extra)
     curves = read_run(str(tmp_path / "run"))
     outcomes = [curves[f"rl/reward_outcome_{x}"] for x in ("pass", "fail", "timeout", "crash")]
     per_step = [sum(c[s] for c in outcomes) for s in (1, 2, 3)]
@@ -173,23 +176,10 @@ def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sa
     assert info["rl_data"]["sources"] == ["arith", "mbpp"] and info["rl_data"]["skipped"] == 0
 
 
-def embedded_body(rank, world_size, data_dir, run_dir, init_from, extra):
-    overrides = [
-        "model.vocab_size=512", "data.tokenizer_vocab_size=512", "train.steps=3", "train.micro_batch_size=4",
-        "train.log_interval=1", "train.eval_interval=3", "rl.prompts_per_step=2", "rl.group_size=3",
-        "rl.max_new_tokens=10", "rl.eval_problems=6", f"data.data_dir={data_dir}",
-        f"train.run_dir={run_dir}", f"rl.init_from={init_from}", *extra,
-    ]  # fmt: skip
-    cfg = load_run_config(os.path.join(REPO, "examples/rl/rl_tiny.yaml"), overrides, RLRunConfig)
-    try:
-        return train_rl(cfg)
-    finally:
-        platform.teardown()
-
-
 @pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, 2])  # 2: DP=2 (two data-parallel ranks)
 def test_the_embedded_problems_written_to_a_file_train_exactly_as_the_embedded_task(
-    tmp_path, embedded_data, golden_run, monkeypatch
+    world, tmp_path, embedded_data, golden_run, monkeypatch
 ):
     """The dataset path against the embedded one: a file holding the embedded task's own prompt pool and
     held-out problems, in the order it draws them, prompts raw, scored by the embedded reward, gives
@@ -204,9 +194,10 @@ def test_the_embedded_problems_written_to_a_file_train_exactly_as_the_embedded_t
         "rl.task=dataset", f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]",
         "rl.data.prompt_format=raw", "rl.data.default_reward=tests.rl._dataset_fixtures:embedded_reward",
     ]  # fmt: skip
-    runs = {"embedded": (), "dataset": tuple(dataset)}
+    shape = ("rl.prompts_per_step=2", "rl.group_size=3", "rl.eval_problems=6")
+    runs = {"embedded": shape, "dataset": (*shape, *dataset)}
     for name, extra in runs.items():
-        run_distributed(embedded_body, 1, str(embedded_data), str(tmp_path / name), sft, extra)
+        run_distributed(rl_body, world, str(embedded_data), str(tmp_path / name), sft, extra)
     timing = ("seconds", "per_sec", "tflops", "mfu")
     want, got = (read_run(str(tmp_path / name)) for name in runs)
     want = {k: v for k, v in want.items() if not any(t in k for t in timing)}
