@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     cfg = load_run_config(args.config, args.set, RLRunConfig)
     platform.setup(cfg.parallel, seed=cfg.train.seed)
     try:
-        tok, task = run_tokenizer(cfg.data), make_task(cfg.rl)
+        tok = run_tokenizer(cfg.data)
+        task = make_task(cfg.rl, tok)
         chunks, optimizer, _ = build_model_and_optimizer(rl_model_config(cfg), cfg.parallel, cfg.optim, 1)
         step = checkpoint.load_model_weights(args.ckpt, chunks, optimizer=optimizer)
         model = chunks[0]

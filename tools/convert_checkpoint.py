@@ -5,6 +5,10 @@
         --out runs/tiny/hf --config examples/tiny/tiny.yaml
     # ... or in the dialect transformers' Step3p7TextModel.from_pretrained reads directly, fp32
     python tools/convert_checkpoint.py mcore2hf --ckpt C --out D --config Y --dialect native --dtype fp32
+    # with the tokenizer (sentencepiece .model or HF directory) and the chat template, for
+    # AutoTokenizer / apply_chat_template: tokenizer.json, tokenizer_config.json, generation_config.json
+    python tools/convert_checkpoint.py mcore2hf --ckpt C --out D --config Y \\
+        --tokenizer-model runs/data/tokenizer_v2048.model [--chat-template my.jinja]
     # HF directory (hub or transformers-native dialect) -> TP=1 dist-checkpoint; Megatron-Core's
     # dist-checkpointing loads it into any TP/EP/PP layout
     python tools/convert_checkpoint.py hf2mcore --hf runs/tiny/hf --out runs/from_hf [--config ...]
@@ -50,7 +54,14 @@ def main(argv=None):
     ex.add_argument("--out", required=True)
     ex.add_argument("--dialect", choices=["hub", "native"], default="hub")
     ex.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ex.add_argument("--tokenizer-model", help="sentencepiece .model to copy next to the weights")
+    ex.add_argument(
+        "--tokenizer-model",
+        help="the run's tokenizer (sentencepiece .model or HF tokenizer dir), written as tokenizer.json",
+    )
+    ex.add_argument(
+        "--chat-template",
+        help="Jinja file the run's chat data used (default: the tokenizer's own, else the embedded ChatML)",
+    )
     im = sub.add_parser("hf2mcore", help="HF directory -> TP=1 Megatron dist-checkpoint")
     im.add_argument("--hf", required=True)
     im.add_argument("--out", required=True)
@@ -70,8 +81,9 @@ def main(argv=None):
             if not os.path.isdir(args.ckpt):
                 sys.exit(f"--ckpt {args.ckpt}: not a directory")
             index = export_to_hf(
-                args.ckpt, args.out, cfg, DTYPES[args.dtype], args.tokenizer_model, dialect=args.dialect
-            )
+                args.ckpt, args.out, cfg, DTYPES[args.dtype], args.tokenizer_model, dialect=args.dialect,
+                chat_template=args.chat_template,
+            )  # fmt: skip
             print(
                 f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 1e6:.1f} MB "
                 f"({args.dialect} dialect, {args.dtype}) to {args.out}"

@@ -29,7 +29,11 @@ from megatron_step.training.monitor import is_logging_rank  # noqa: E402
 
 
 def _args(ap) -> None:
-    ap.add_argument("--checkpoint", required=True, help="a run directory with checkpoints/ (its newest)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory with checkpoints/ (its newest), or an HF directory",
+    )
     ap.add_argument("--data", nargs="+", required=True, help="JSONL problem files")
     ap.add_argument("--k", type=int, default=4, help="sampled responses per problem (default 4)")
     ap.add_argument("--batch", type=int, default=64, help="responses generated together (default 64)")
@@ -43,7 +47,7 @@ def main(argv=None) -> dict:
     try:
         out = evaluate(cfg, args.checkpoint, args.data, k=args.k, batch=args.batch)
         if is_logging_rank():
-            print(f"{args.checkpoint} (step {out['step']}), {out['problems']} problems, k={out['k']}")
+            print(f"{out['checkpoint']}, {out['problems']} problems, k={out['k']}")
             print(format_table(out))
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

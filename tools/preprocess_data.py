@@ -21,14 +21,17 @@ import warnings
 # Megatron-Core announces missing TE/apex at import time; expected here, not news.
 warnings.filterwarnings("ignore", message=".*not installed.*")
 
-from megatron_step.data import MalformedInputError, StepTokenizer, preprocess  # noqa: E402
+from megatron_step.data import MalformedInputError, preprocess  # noqa: E402
+from megatron_step.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", nargs="+", required=True, help=".jsonl / .json (one object per line) or .txt")
     ap.add_argument(
-        "--tokenizer-model", required=True, help="SentencePiece .model (tools/train_tokenizer.py)"
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model (tools/train_tokenizer.py) or a Hugging Face tokenizer directory",
     )
     ap.add_argument("--output-prefix", required=True)
     ap.add_argument("--json-key", default="text")
@@ -42,7 +45,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=1, help="encoding processes (each loads the tokenizer)")
     args = ap.parse_args(argv)
 
-    tok = StepTokenizer(args.tokenizer_model)
+    tok = load_tokenizer(args.tokenizer_model)
     t0 = time.perf_counter()
     try:
         stats = preprocess(

@@ -24,9 +24,9 @@ save takes the whole state dict), so import needs the model's size in host memor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 
 import torch
@@ -35,6 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from megatron_step.data.chat import ChatTemplate
+from megatron_step.data.tokenizer import load_tokenizer, save_hf_tokenizer
 from megatron_step.models.step_flash import build_step_flash, hf, hf_config
 from megatron_step.models.step_flash.config import SHAPE_FIELDS
 from megatron_step.platform import ParallelConfig
@@ -122,10 +124,16 @@ def export_to_hf(
     shard_bytes: int = SHARD_BYTES,
     progress: bool = True,
     dialect: str = "hub",
+    chat_template: str | None = None,
 ) -> dict:
     """Stream a Megatron dist-checkpoint (any layout) into an HF directory, in the published hub
     dialect (with MTP) or the transformers-native one (`Step3p7TextModel.from_pretrained` loads it;
-    no MTP). Needs a 1-rank torch.distributed group (megatron_step.platform.setup(ParallelConfig()))."""
+    no MTP). Needs a 1-rank torch.distributed group (megatron_step.platform.setup(ParallelConfig())).
+    `tokenizer_model` (a sentencepiece .model or an HF tokenizer directory) is written beside the
+    weights as tokenizer.json + tokenizer_config.json with the chat template the run used
+    (`chat_template`, a Jinja file; else the tokenizer's own; else the embedded default), and
+    generation_config.json stops at eos and at the template's end of turn (<|im_end|>) when the
+    tokenizer has it."""
     if dialect not in hf.DIALECTS:
         raise ValueError(f"dialect={dialect!r}: one of hub, native")
     with torch.device("meta"):
@@ -154,8 +162,22 @@ def export_to_hf(
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config.hub_config(cfg, dtype=str(dtype).removeprefix("torch.")), f, indent=2)
     if tokenizer_model:
-        shutil.copy(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+        _write_tokenizer(tokenizer_model, out_dir, chat_template)
     return index
+
+
+def _write_tokenizer(path: str, out_dir: str, chat_template: str | None) -> None:
+    tok = load_tokenizer(path)
+    template = ChatTemplate.for_tokenizer(chat_template, tok)
+    save_hf_tokenizer(tok, out_dir, template.text)
+    stops = [tok.eos]
+    with contextlib.suppress(KeyError):  # a tokenizer without ChatML's end of turn stops at eos only
+        stops.append(tok.token_id("<|im_end|>"))
+    gen = {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tok.pad}
+    if tok.bos is not None:
+        gen["bos_token_id"] = tok.bos
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
 
 
 def import_from_hf(

@@ -12,7 +12,8 @@ class DataConfig:
     # otherwise Megatron indexed-dataset prefixes in `data_path` ("weight prefix weight prefix ...").
     corpus: str = "embedded"
     data_path: list[str] = field(default_factory=list)
-    tokenizer_model: str | None = None  # sentencepiece .model; None: train one for "embedded"
+    # a sentencepiece .model or a Hugging Face tokenizer directory (tokenizer.json); None: train one
+    tokenizer_model: str | None = None
     tokenizer_vocab_size: int = 2048  # when the embedded tokenizer is trained
     split: str = "98,2,0"  # train, valid, test shares of each prefix
     seq_length: int = 128

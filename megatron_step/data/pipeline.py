@@ -20,7 +20,7 @@ from megatron_step.data.config import DataConfig
 from megatron_step.data.corpus import build_embedded_corpus
 from megatron_step.data.gpt_data import build_gpt_datasets
 from megatron_step.data.preprocess import iter_documents, preprocess
-from megatron_step.data.tokenizer import StepTokenizer, train_tokenizer
+from megatron_step.data.tokenizer import HFTokenizer, StepTokenizer, load_tokenizer, train_tokenizer
 
 
 def _barrier():
@@ -44,7 +44,7 @@ def _embedded_assets(d: DataConfig) -> tuple[str, str, str]:
         if not os.path.exists(tok_model):
             train_tokenizer([corpus["train"]], tok_prefix, d.tokenizer_vocab_size)
         if not (os.path.exists(data_prefix + ".bin") and os.path.exists(counts_file)):
-            stats = preprocess([corpus["train"], corpus["valid"]], StepTokenizer(tok_model), data_prefix)
+            stats = preprocess([corpus["train"], corpus["valid"]], load_tokenizer(tok_model), data_prefix)
             n_valid = sum(1 for text in iter_documents(corpus["valid"]) if text.strip())
             n_train = stats["documents"] - n_valid
             with open(counts_file, "w") as f:
@@ -55,10 +55,11 @@ def _embedded_assets(d: DataConfig) -> tuple[str, str, str]:
     return d.tokenizer_model or tok_prefix + ".model", data_prefix, split
 
 
-def run_tokenizer(d: DataConfig) -> StepTokenizer:
-    """The run's tokenizer: `data.tokenizer_model`, or the embedded one (built once, on rank 0)."""
+def run_tokenizer(d: DataConfig) -> StepTokenizer | HFTokenizer:
+    """The run's tokenizer: `data.tokenizer_model` (a sentencepiece .model or a Hugging Face tokenizer
+    directory), or the embedded one (built once, on rank 0)."""
     if d.tokenizer_model:
-        return StepTokenizer(d.tokenizer_model)
+        return load_tokenizer(d.tokenizer_model)
     return StepTokenizer(_embedded_assets(d)[0])
 
 
@@ -84,7 +85,13 @@ def prepare_datasets(
                 "tools/train_tokenizer.py"
             )
         tok_model, prefixes, split = d.tokenizer_model, d.data_path, d.split
-    tokenizer = StepTokenizer(tok_model)
+    tokenizer = load_tokenizer(tok_model)
+    if not tokenizer.has_pad:
+        raise ValueError(
+            f"data.tokenizer_model={tok_model!r} has no pad token: Megatron-Core's GPT datasets drop the "
+            "loss of every label equal to the pad id, and without one that would be eos; add a pad token "
+            '(tokenizer_config.json "pad_token")'
+        )
     if tokenizer.vocab_size > model_vocab_size:
         raise ValueError(
             f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "

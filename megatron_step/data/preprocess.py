@@ -25,7 +25,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 from tqdm import tqdm
 
-from megatron_step.data.tokenizer import StepTokenizer
+from megatron_step.data.tokenizer import HFTokenizer, StepTokenizer, load_tokenizer
 
 __all__ = ["MalformedInputError", "iter_documents", "preprocess"]
 
@@ -84,12 +84,12 @@ def iter_documents(path: str, json_key: str = "text", text_document: str = "bloc
 
 
 # Worker-process state for workers > 1: each worker loads the model once (by path) in its initializer.
-_WORKER_TOKENIZER: StepTokenizer | None = None
+_WORKER_TOKENIZER: StepTokenizer | HFTokenizer | None = None
 
 
 def _init_worker(model_path: str) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = StepTokenizer(model_path)
+    _WORKER_TOKENIZER = load_tokenizer(model_path)
 
 
 def _encode(text: str) -> list[int]:
@@ -98,7 +98,7 @@ def _encode(text: str) -> list[int]:
 
 def preprocess(
     input_paths: list[str],
-    tokenizer: StepTokenizer | str,
+    tokenizer: StepTokenizer | HFTokenizer | str,
     output_prefix: str,
     json_key: str = "text",
     append_eod: bool = True,
@@ -110,7 +110,8 @@ def preprocess(
     """Tokenise `input_paths` into `output_prefix.{bin,idx}`; return
     `{"files", "documents", "tokens", "skipped"}` (tokens include the appended eod ids).
 
-    `tokenizer` may be a `StepTokenizer` or a .model path. `workers > 1` encodes in a process pool
+    `tokenizer` may be a tokenizer object or a path (a .model, or a Hugging Face tokenizer directory).
+    `workers > 1` encodes in a process pool
     (reading, validation and writing stay in this process, so errors and document order are the same
     as with one worker). On any error the partial .bin/.idx are removed.
     """
@@ -123,7 +124,7 @@ def preprocess(
             raise ValueError(f"input_paths: {p!r} does not exist or is not a file")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    tok = StepTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if append_eod and tok.eod < 0:
         raise ValueError(f"append_eod=True but tokenizer {tok.model_path!r} has no eos/eod piece")
 

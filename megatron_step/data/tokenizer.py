@@ -1,9 +1,31 @@
-"""SentencePiece tokenizer: training (`train_tokenizer`) and the runtime wrapper (`StepTokenizer`).
+"""Tokenizers: the project's SentencePiece model (`train_tokenizer`, `StepTokenizer`) and a Hugging Face
+tokenizer directory (`HFTokenizer`), behind one interface; `load_tokenizer` picks by the path.
 
     from megatron_step.data import train_tokenizer, StepTokenizer
     path = train_tokenizer(["corpus/train.jsonl"], "tok/step", vocab_size=32000)   # -> "tok/step.model"
     tok = StepTokenizer(path)
     ids = tok.encode("def f(x):\\n    return x")            # decode(encode(t)) == t for any text
+    tok = load_tokenizer("ckpt/hf")                          # a directory with tokenizer.json: HFTokenizer
+    save_hf_tokenizer(tok, "runs/hf", chat_template)         # tokenizer.json + tokenizer_config.json
+
+The interface both give: encode(text) (no special tokens added), decode(ids), token_id(piece),
+id_to_piece(i), vocab_size, bos (None when an HF tokenizer has none), eos (== eod), pad, unk,
+with_bos(ids) (the sequence the model reads: bos first, unless the tokenizer has none or the text
+already began with it, as a template writing `{{ bos_token }}` makes it), `chat_template` (the
+tokenizer's own Jinja template, or None: the embedded one is megatron_step.data.chat's default) and
+`special_tokens` (bos_token, eos_token, ... as text: the variables a Hugging Face template is given).
+
+Export: `save_hf_tokenizer` writes what `transformers.AutoTokenizer.from_pretrained` reads. For the
+SentencePiece model it builds the equivalent `tokenizers` BPE (the vocabulary and scores of the model,
+every merge whose parts and result are pieces, ranked by the result's score; byte fallback; spaces
+as "▁"; the user symbols as added tokens), which encodes every text to the same ids as SentencePiece
+(tests/data/test_hf_tokenizer.py checks it on the corpus, code and random strings). transformers'
+own converter (`convert_slow_tokenizer`) needs the slow tokenizer class of a model family and the
+protobuf package; the pieces are all in the SentencePiece processor's API, so we build it directly.
+One difference is deliberate: the meta pieces (<s>, </s>, <pad>, <unk>) written as text are those
+special tokens for the Hugging Face tokenizer (as every HF tokenizer treats its special tokens) and
+plain characters for SentencePiece. The exported chat template starts with `{{ bos_token }}`, so
+`apply_chat_template` gives the ids our stages build (bos + the rendered conversation).
 
 `StepTokenizer` is what Megatron-Core's `GPTDatasetConfig.tokenizer` gets. In megatron-core 0.19.2 the
 dataset code reads exactly these attributes of it (see `megatron/core/datasets/`):
@@ -32,7 +54,16 @@ from collections.abc import Iterable, Iterator
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-__all__ = ["SPECIAL_TOKENS", "USER_SYMBOLS", "StepTokenizer", "train_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "USER_SYMBOLS",
+    "HFTokenizer",
+    "StepTokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+    "save_hf_tokenizer",
+    "train_tokenizer",
+]
 
 # Fixed ids for the four SentencePiece "meta" pieces. pad is 0 because GPTDataset rewrites pad tokens
 # to id 0 before the embedding lookup (`tokens[tokens == pad] = 0`): with pad == 0 that is a no-op.
@@ -147,7 +178,39 @@ def train_tokenizer(
     return model_prefix + ".model"
 
 
-class StepTokenizer(MegatronTokenizerBase):
+class TokenizerError(ValueError):
+    """A tokenizer path or directory that cannot be used (the message names the file and what to do)."""
+
+
+class _Common:
+    """What both tokenizers share (see the module docstring)."""
+
+    chat_template: str | None = None
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        if self.bos is None or (ids and ids[0] == self.bos):
+            return list(ids)
+        return [self.bos, *ids]
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        """Vocab size rounded up to `multiple`, the size of the embedding/output layers. Megatron pads
+        to `make_vocab_size_divisible_by * tp` so each TP shard of the vocab is equal and aligned:
+        pass `multiple=128 * tp`. E.g. 32_011 pieces, multiple 128 -> 32_128 rows."""
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        out = {}
+        for name in ("bos", "eos", "pad", "unk"):
+            i = getattr(self, name)
+            if i is not None and i >= 0:
+                out[f"{name}_token"] = self.id_to_piece(i)
+        return out
+
+
+class StepTokenizer(_Common, MegatronTokenizerBase):
     """A loaded SentencePiece model. Special ids are read from the model (not assumed), so any
     SentencePiece model works; one without a pad piece reports `pad == -1`, which Megatron-Core's
     datasets also use for "no pad"."""
@@ -180,14 +243,6 @@ class StepTokenizer(MegatronTokenizerBase):
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
-    def padded_vocab_size(self, multiple: int = 128) -> int:
-        """Vocab size rounded up to `multiple`, the size of the embedding/output layers. Megatron pads
-        to `make_vocab_size_divisible_by * tp` so each TP shard of the vocab is equal and aligned:
-        pass `multiple=128 * tp`. E.g. 32_011 pieces, multiple 128 -> 32_128 rows."""
-        if multiple < 1:
-            raise ValueError(f"multiple must be >= 1, got {multiple}")
-        return -(-self.vocab_size // multiple) * multiple
-
     @property
     def bos(self) -> int:
         return self._sp.bos_id()
@@ -208,6 +263,10 @@ class StepTokenizer(MegatronTokenizerBase):
     @property
     def unk(self) -> int:
         return self._sp.unk_id()
+
+    @property
+    def has_pad(self) -> bool:
+        return self.pad >= 0
 
     # -- MegatronTokenizerBase -------------------------------------------------------------------
     @property
@@ -245,3 +304,212 @@ class StepTokenizer(MegatronTokenizerBase):
 
     def __repr__(self) -> str:
         return f"StepTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+# Files of a Hugging Face tokenizer directory that travel with it (save_hf_tokenizer copies them).
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+)
+
+
+class HFTokenizer(_Common, MegatronTokenizerBase):
+    """A Hugging Face tokenizer directory (`tokenizer.json`, `tokenizer_config.json` and what
+    `transformers` writes beside them), loaded with `transformers.PreTrainedTokenizerFast`: any
+    tokenizer.json of the `tokenizers` library, no remote code. Its chat template (tokenizer_config.json
+    or chat_template.jinja) is `chat_template`. Encoding adds no special tokens (a template or
+    `with_bos` places them); text naming a special token (e.g. "<|im_end|>") is that token."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise TokenizerError(
+                f"{path}: no tokenizer.json; a Hugging Face tokenizer directory needs the fast-tokenizer "
+                "file (tokenizer.save_pretrained(dir) writes it), or give a sentencepiece .model"
+            )
+        super().__init__(path, {"library": "huggingface", "model_type": "gpt"})
+        self.model_path = path
+        try:
+            self.hf = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # transformers raises several types for a broken directory
+            raise TokenizerError(f"{path}: cannot load the tokenizer: {type(e).__name__}: {e}") from None
+        self._tok = self.hf.backend_tokenizer
+        if self.hf.eos_token_id is None:
+            raise TokenizerError(
+                f"{path}/tokenizer_config.json: no eos_token; generation and documents end with it: set "
+                '"eos_token" (e.g. "</s>" or "<|im_end|>")'
+            )
+        self.chat_template = self.hf.chat_template if isinstance(self.hf.chat_template, str) else None
+        digest = hashlib.sha256()
+        for name in HF_TOKENIZER_FILES:
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f, "rb") as fh:
+                    digest.update(name.encode() + fh.read())
+        self._sha256 = digest.hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        if i is None:
+            raise KeyError(f"piece {piece!r} is not in tokenizer {self.model_path!r}")
+        return i
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    @property
+    def bos(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos(self) -> int:
+        return self.hf.eos_token_id
+
+    @property
+    def eod(self) -> int:
+        return self.hf.eos_token_id
+
+    @property
+    def pad(self) -> int:
+        # No pad token: rows are padded with eos. Padding never carries loss here (SFT and RL masks are
+        # explicit); pretraining's GPTDataset would mask every eos label, so it refuses such a
+        # tokenizer (megatron_step.data.pipeline.prepare_datasets).
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    @property
+    def has_pad(self) -> bool:
+        return self.hf.pad_token_id is not None
+
+    @property
+    def unk(self) -> int | None:
+        return self.hf.unk_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("megatron_step.data.chat renders templates (it also gives the loss mask)")
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return OrderedDict(
+            [
+                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
+                ("files_sha256", self._sha256),
+                ("vocab_size", self.vocab_size),
+            ]
+        )
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str) -> StepTokenizer | HFTokenizer:
+    """A sentencepiece .model file -> StepTokenizer; a Hugging Face tokenizer directory -> HFTokenizer."""
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    if os.path.isfile(path):
+        return StepTokenizer(path)
+    raise TokenizerError(
+        f"data.tokenizer_model={path!r}: no such file or directory (a sentencepiece .model, or a Hugging "
+        "Face tokenizer directory with tokenizer.json)"
+    )
+
+
+def _sentencepiece_as_hf(tok: StepTokenizer):
+    """The `tokenizers.Tokenizer` that encodes as `tok` does (module docstring: how and why)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(tok.model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        raise TokenizerError(f"{tok.model_path}: only BPE sentencepiece models export (train_tokenizer's)")
+    norm = proto.normalizer_spec
+    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+        raise TokenizerError(
+            f"{tok.model_path}: normaliser {norm.name!r} (dummy prefix {norm.add_dummy_prefix}, extra "
+            f"whitespace removal {norm.remove_extra_whitespaces}): only train_tokenizer's settings "
+            "(identity, no dummy prefix, whitespace kept) export to tokenizer.json"
+        )
+    kind = proto.SentencePiece
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    merges = []
+    for p, score, t in pieces:
+        if t != kind.NORMAL:
+            continue
+        for k in range(1, len(p)):
+            left, right = p[:k], p[k:]
+            if left in vocab and right in vocab:
+                merges.append((-score, vocab[left], vocab[right], left, right))
+    merges.sort()
+    model = models.BPE(
+        vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=pieces[tok.unk][0], byte_fallback=True,
+        fuse_unk=True,
+    )  # fmt: skip
+    out = Tokenizer(model)
+    # train_tokenizer's model: identity normalisation, no dummy prefix, spaces escaped as "▁"
+    out.normalizer = normalizers.Replace(" ", "▁")
+    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    out.add_tokens(
+        [AddedToken(p, normalized=False, special=False) for p, _, t in pieces if t == kind.USER_DEFINED]
+    )
+    meta = (kind.CONTROL, kind.UNKNOWN)
+    out.add_special_tokens([AddedToken(p, normalized=False, special=True) for p, _, t in pieces if t in meta])
+    return out
+
+
+def save_hf_tokenizer(
+    tok: StepTokenizer | HFTokenizer, out_dir: str, chat_template: str | None = None
+) -> list[str]:
+    """Write `tok` into `out_dir` as a Hugging Face tokenizer directory with `chat_template` (Jinja text;
+    None: the tokenizer's own). Returns the files written."""
+    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(tok, HFTokenizer):
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast.from_pretrained(tok.model_path, local_files_only=True)
+        if chat_template is not None:
+            hf.chat_template = chat_template
+        return list(hf.save_pretrained(out_dir))
+    import shutil
+
+    backend = _sentencepiece_as_hf(tok)
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tok.special_tokens,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    if chat_template is not None:
+        # the embedded stages read bos + the rendered text; the HF template writes the bos itself
+        config["chat_template"] = "{{ bos_token }}" + chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    shutil.copy(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
+    return [os.path.join(out_dir, n) for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")]

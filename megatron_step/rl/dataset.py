@@ -147,11 +147,13 @@ def _label(value, key: str) -> str:
 class DatasetTask:
     """The `Task` (megatron_step.rl.tasks) of `rl.task=dataset`."""
 
-    def __init__(self, cfg: RLDataConfig, code: SandboxConfig):
+    def __init__(self, cfg: RLDataConfig, code: SandboxConfig, tokenizer=None):
         if not cfg.train:
             raise RLDataError("rl.task=dataset needs problem files: rl.data.train=[file.jsonl, ...]")
         self.cfg = cfg
-        self.template = ChatTemplate.load(cfg.chat_template) if cfg.prompt_format == "chat" else None
+        chat = cfg.prompt_format == "chat"
+        # the file, else the tokenizer's own template, else the default (megatron_step.data.chat)
+        self.template = ChatTemplate.for_tokenizer(cfg.chat_template, tokenizer) if chat else None
         routes = {
             src: reward_by_name(name, code, f"rl.data.rewards.{src}") for src, name in cfg.rewards.items()
         }

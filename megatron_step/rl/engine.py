@@ -281,6 +281,7 @@ class Engine:
         self.stats["spec_proposed"] = [0] * max(self.speculative, 0)
         self.stats["spec_accepted"] = [0] * max(self.speculative, 0)
         self.stats["forwards"] = 0
+        self._on_tokens = None  # the streaming callback of the generate call in progress
 
     # -- low level: one forward through the cache ----------------------------------------------------
     @torch.no_grad()
@@ -450,12 +451,14 @@ class Engine:
         record_routing: bool = True,
         images: torch.Tensor | None = None,
         keys: list[tuple[int, ...]] | None = None,
+        on_tokens=None,
     ) -> list[Generation]:
         """Sample one response per prompt (repeat a prompt G times for a group). `keys[i]`: prompt i's
         key for the keyed randomness, a tuple of ints unique within the call, e.g. (prompt id, sample
         index) (default: (i,)); a token's uniform is keyed by (params.seed, *keys[i], position, 0).
         `images` (B, 3, H, W), one per prompt, are given to the image-text model with the prefill
         (models/vlm.py): the prompts' `<image>` placeholders must lie within the shortest prompt.
+        `on_tokens(i, response_ids)`: called whenever prompt i's response grows (streaming output).
 
         Every rank of `self.lockstep` must call this together: ranks may hold different numbers of
         prompts (none included) and need different numbers of steps; they all run the same number of
@@ -469,13 +472,18 @@ class Engine:
         buckets = self.buckets([len(p) for p in prompts], params.max_new_tokens)
         n = self.lockstep.max(len(buckets))  # collective: self.lockstep.group
         out: list[Generation | None] = [None] * len(prompts)
-        for c in range(n):
-            idx = buckets[c] if c < len(buckets) else []  # a rank with fewer buckets steps idle
-            imgs = None if images is None or not idx else images[idx]
-            part = [prompts[i] for i in idx]
-            run = self._generate_chunk_spec if self.speculative else self._generate_chunk
-            for i, g in zip(idx, run(part, params, seed, [keys[i] for i in idx], record_routing, imgs)):
-                out[i] = g
+        try:
+            for c in range(n):
+                idx = buckets[c] if c < len(buckets) else []  # a rank with fewer buckets steps idle
+                imgs = None if images is None or not idx else images[idx]
+                part = [prompts[i] for i in idx]
+                if on_tokens is not None:
+                    self._on_tokens = lambda r, ids, idx=idx: on_tokens(idx[r], ids)
+                run = self._generate_chunk_spec if self.speculative else self._generate_chunk
+                for i, g in zip(idx, run(part, params, seed, [keys[i] for i in idx], record_routing, imgs)):
+                    out[i] = g
+        finally:
+            self._on_tokens = None
         return out
 
     def buckets(self, lengths: list[int], max_new_tokens: int) -> list[list[int]]:
@@ -525,6 +533,8 @@ class Engine:
                         g.response_ids.append(t)
                         g.logprobs.append(float(lp[i]))
                         g.entropies.append(float(ent[i]))
+                        if self._on_tokens is not None:
+                            self._on_tokens(i, g.response_ids)
                         if t in stop:
                             done[i], g.finish = True, "stop"
                         elif len(g.response_ids) >= params.max_new_tokens:
@@ -814,6 +824,8 @@ class Engine:
             g.response_ids.append(tok)
             g.logprobs.append(lp)
             g.entropies.append(ent)
+            if self._on_tokens is not None:
+                self._on_tokens(i, g.response_ids)
             if tok in stop:
                 done[i], g.finish = True, "stop"
             elif len(g.response_ids) >= params.max_new_tokens:

@@ -115,7 +115,7 @@ class RewardModel(torch.nn.Module):
 
 def _batch(tokenizer, texts: list[tuple[str, str]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = [
-        ([tokenizer.bos] + tokenizer.encode(p) + tokenizer.encode(" " + r) + [tokenizer.eos])[:max_len]
+        tokenizer.with_bos(tokenizer.encode(p) + tokenizer.encode(" " + r) + [tokenizer.eos])[:max_len]
         for p, r in texts
     ]
     n = max(len(x) for x in seqs)

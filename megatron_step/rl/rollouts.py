@@ -188,7 +188,7 @@ class RolloutSampler:
         )  # fmt: skip
 
     def encode_prompt(self, problem) -> list[int]:
-        return [self.tok.bos] + self.tok.encode(self.task.prompt(problem))
+        return self.tok.with_bos(self.tok.encode(self.task.prompt(problem)))
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([i for i in ids if i != self.tok.eos])

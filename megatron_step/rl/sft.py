@@ -47,15 +47,16 @@ class SFTDataset(torch.utils.data.Dataset):
                 answer = tokenizer.encode(" " + task.solution(p))
                 learn = [1.0] * len(answer)
             answer, learn = answer + [tokenizer.eos], learn + [1.0]
-            ids = ([tokenizer.bos] + prompt + answer)[: seq_length + 1]
+            full = tokenizer.with_bos(prompt + answer)
+            first = len(full) - len(answer) - 1  # the label index of the first answer token
+            ids = full[: seq_length + 1]
             n = len(ids) - 1
             tokens = torch.full((seq_length,), tokenizer.pad, dtype=torch.long)
             labels = torch.full((seq_length,), tokenizer.pad, dtype=torch.long)
             mask = torch.zeros(seq_length)
             tokens[:n] = torch.tensor(ids[:-1])
             labels[:n] = torch.tensor(ids[1:])
-            # labels from the first answer token on (bos shifts by one)
-            mask[len(prompt) : n] = torch.tensor(learn[: n - len(prompt)])
+            mask[first:n] = torch.tensor(learn[: n - first])
             self.items.append({"tokens": tokens, "labels": labels, "loss_mask": mask})
 
     def __len__(self):

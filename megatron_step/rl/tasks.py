@@ -251,11 +251,12 @@ class ArithmeticTask:
         return math_reward("", response, problem.answer) == 1.0
 
 
-def make_task(rl: RLConfig) -> Task:
+def make_task(rl: RLConfig, tokenizer=None) -> Task:
     """The task `rl.task` names: "arithmetic" (the embedded default, shaped by `rl.task_*`), "lookup"
     (multi-hop questions through a search tool, `rl.lookup`), "dataset" (the user's problem files,
     `rl.data`), or a
-    `package.module:callable` taking the RLConfig and returning a Task."""
+    `package.module:callable` taking the RLConfig and returning a Task. `tokenizer`: the run's (a
+    dataset's chat prompts use its own chat template when it has one)."""
     if rl.task == "arithmetic":
         return ArithmeticTask(rl.task_min_steps, rl.task_max_steps, rl.task_max_operand)
     if rl.task == "lookup":
@@ -265,7 +266,7 @@ def make_task(rl: RLConfig) -> Task:
     if rl.task == "dataset":
         from megatron_step.rl.dataset import DatasetTask  # dataset imports this module (split_of)
 
-        return DatasetTask(rl.data, rl.code)
+        return DatasetTask(rl.data, rl.code, tokenizer)
     task = resolve_callable(rl.task, "rl.task")(rl)
     if not isinstance(task, Task):
         raise ValueError(f"rl.task={rl.task!r} returned {type(task).__name__}, not a Task (rl/tasks.py)")

@@ -26,12 +26,11 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from megatron_step import platform
-from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.rl.dataset import DatasetTask
 from megatron_step.rl.engine import Engine, SamplingParams
-from megatron_step.rl.policy import build_reference
 from megatron_step.rl.reward_pool import RewardRunner
 from megatron_step.rl.rollouts import RolloutSampler
+from megatron_step.stages.generate import is_hf_dir, load_policy
 from megatron_step.training import checkpoint
 
 __all__ = ["evaluate", "format_table"]
@@ -42,25 +41,24 @@ def _dp() -> tuple[int, int]:
 
 
 def evaluate(cfg, run_dir: str, files: list[str], k: int = 4, batch: int = 64, progress: bool = True) -> dict:
-    """Evaluate `run_dir`'s newest checkpoint on `files` (rl.data's keys, prompt format and reward
-    routes apply). Returns {"step", "k", "problems", "overall": {...}, "sources": {source: {...}}}, each
-    {...} = {"problems", "samples", "greedy", "avg@k", "pass@k", "failed"}."""
+    """Evaluate `run_dir`'s newest checkpoint (or a Hugging Face directory, with its tokenizer when it
+    has one) on `files` (rl.data's keys, prompt format and reward routes apply). Returns {"step" (None
+    for an HF directory), "checkpoint" (what was loaded), "k", "problems", "overall": {...}, "sources":
+    {source: {...}}}, each {...} = {"problems", "samples", "greedy", "avg@k", "pass@k", "failed"}."""
     if k < 1:
         raise ValueError(f"--k={k}: must be >= 1")
     r = cfg.rl
     platform.setup(cfg.parallel, seed=cfg.train.seed)
-    step = checkpoint.latest_step(run_dir)
-    if step is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (a run directory with checkpoints/)")
-    tokenizer = run_tokenizer(cfg.data)
-    task = DatasetTask(dataclasses.replace(r.data, train=list(files), eval=list(files)), r.code)
+    policy = load_policy(cfg, run_dir)  # frozen: a run's newest checkpoint, or an HF directory
+    step = None if is_hf_dir(run_dir) else checkpoint.latest_step(run_dir)
+    tokenizer = policy.tokenizer
+    task = DatasetTask(dataclasses.replace(r.data, train=list(files), eval=list(files)), r.code, tokenizer)
     problems = task.heldout(10**12, 0)  # every record, in file order
-    chunks = build_reference(cfg.model_config(), cfg.parallel, run_dir)  # frozen, newest checkpoint
-    engine = Engine(chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+    engine = Engine(policy.chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
     stop = RolloutSampler._stop_ids(task, tokenizer)
     dp, rank = _dp()
     mine = list(range(rank, len(problems), dp))
-    prompts = {i: [tokenizer.bos] + tokenizer.encode(task.prompt(problems[i])) for i in mine}
+    prompts = {i: tokenizer.with_bos(tokenizer.encode(task.prompt(problems[i]))) for i in mine}
     greedy = SamplingParams(max_new_tokens=r.max_new_tokens, greedy=True, stop_ids=stop)
     sampled = SamplingParams(
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -97,7 +95,14 @@ def evaluate(cfg, run_dir: str, files: list[str], k: int = 4, batch: int = 64, p
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)  # collective: every rank
         rows = sorted({(i, j): (i, j, c, f) for part in gathered for i, j, c, f in part}.values())
-    out = {"step": step, "k": k, "problems": len(problems), "run_dir": run_dir, "files": list(files)}
+    out = {
+        "step": step,
+        "checkpoint": policy.source,
+        "k": k,
+        "problems": len(problems),
+        "run_dir": run_dir,
+        "files": list(files),
+    }
     out["overall"] = _summary(rows, k)
     out["sources"] = {
         s: _summary([row for row in rows if problems[row[0]].source == s], k) for s in task.sources

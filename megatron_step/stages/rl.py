@@ -331,7 +331,8 @@ def train_rl(cfg: RLRunConfig) -> dict:
     env = platform.setup(cfg.parallel, seed=t.seed)
     # before the warm-up: a run directory holding a run is refused (or continued) at once
     start = checkpoint.resume_step(t, extra_dirs=(critic_dir(t.run_dir),))
-    tokenizer, task = run_tokenizer(cfg.data), make_task(r)
+    tokenizer = run_tokenizer(cfg.data)
+    task = make_task(r, tokenizer)
     init_from = warm_start(cfg, task, tokenizer)
     env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
     model = rl_model_config(cfg)

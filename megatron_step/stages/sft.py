@@ -78,7 +78,7 @@ def sft_datasets(cfg: SFTRunConfig, tokenizer) -> tuple[ChatDataset, ChatDataset
     data.seq_length; info counts lines, skipped lines (with the first reasons), cut and dropped
     samples."""
     s, seq = cfg.sft, cfg.data.seq_length
-    template = ChatTemplate.load(s.chat_template)
+    template = ChatTemplate.for_tokenizer(s.chat_template, tokenizer)
     train_files, valid_files = s.train_files, s.valid_files
     if not train_files:
         made = embedded_chats(cfg.data.data_dir, s.embedded_train, s.embedded_valid, cfg.train.seed)

@@ -90,7 +90,10 @@ def _cli(*args) -> subprocess.CompletedProcess:
 def test_the_entry_point_names_a_missing_checkpoint_and_a_bad_line(setup, tmp_path):
     common = [f"data.data_dir={setup['data']}"]
     p = _cli(*common, "--checkpoint", str(tmp_path / "empty_run"), "--data", setup["file"])
-    assert p.returncode == 1 and "empty_run: no checkpoint to evaluate" in p.stderr.splitlines()[-1], p.stderr
+    assert p.returncode == 1 and "empty_run: not a directory" in p.stderr.splitlines()[-1], p.stderr
+    (tmp_path / "empty_run").mkdir()
+    p = _cli(*common, "--checkpoint", str(tmp_path / "empty_run"), "--data", setup["file"])
+    assert "empty_run: neither a run directory with checkpoints/ nor a Hugging Face" in p.stderr, p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q: 1 + 1?\\nA:", "label": "2"}\n{"prompt": "x"}\n')
     p = _cli(*common, "--checkpoint", setup["ckpt"], "--data", str(bad))
