@@ -286,4 +286,5 @@ class DatasetTask:
         return {
             "train": len(self._train), "heldout": len(self._eval), "sources": self.sources,
             "skipped": self.skipped, "skipped_first": self.reasons,
+            "chat_template": self.template.source if self.template is not None else None,
         }  # fmt: skip

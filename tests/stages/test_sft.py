@@ -102,3 +102,56 @@ def test_sft_on_two_data_parallel_ranks_follows_one_process(embedded_data, tmp_p
         curves[world] = read_run(run_dir, ["train/lm_loss", "train/grad_norm", "val/lm_loss"])
     rows = compare(curves[1], curves[2], rtol=1e-4)
     assert rows and all(r.ok for r in rows), format_rows(rows, ("1 process", "DP2"), only_bad=True)
+
+
+def _rl(rank, world_size, overrides):
+    from megatron_step.config.run import RLRunConfig
+    from megatron_step.stages.rl import train_rl
+
+    cfg = load_run_config(os.path.join(REPO, "examples/rl/rl_tiny.yaml"), overrides, RLRunConfig)
+    try:
+        return train_rl(cfg)
+    finally:
+        platform.teardown()
+
+
+def test_a_tokenizers_directory_runs_sft_then_dataset_rl(embedded_data, tmp_path):
+    """A Hugging Face tokenizer directory built with `tokenizers` (no bos, its own ChatML variant with
+    "<|im_sep|>", eos "<|endoftext|>") through the SFT stage and then dataset RL on chat prompts: both
+    use its template, the SFT loss falls, RL generation stops at its "<|im_end|>"."""
+    from tests.data.test_hf_tokenizer import OWN_TEMPLATE, make_hf_dir
+
+    hf = make_hf_dir({"train": os.path.join(embedded_data, "corpus", "train.jsonl")}, tmp_path / "tok")
+    sft_dir, rl_dir = str(tmp_path / "sft"), str(tmp_path / "rl")
+    out = run_distributed(run, 1, _overrides(embedded_data, sft_dir, f"data.tokenizer_model={hf}"))[0]
+    (_, a), (_, b) = out["val_curve"][0], out["val_curve"][-1]
+    assert b < a and out["data"]["chat_template"] == f"{hf} (its chat_template)"
+    probs = tmp_path / "problems.jsonl"
+    probs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q: What is {i} + 1?\nA:", "label": str(i + 1)}) + "\n" for i in range(20)
+        )
+    )
+    rl = [
+        "model.vocab_size=512", f"data.data_dir={embedded_data}", f"data.tokenizer_model={hf}",
+        f"train.run_dir={rl_dir}", f"rl.init_from={sft_dir}", "train.steps=2", "train.eval_interval=2",
+        "rl.task=dataset", f"rl.data.train=[{probs}]", "rl.prompts_per_step=2", "rl.group_size=2",
+        "rl.eval_problems=2", "rl.eval_samples=0", "rl.max_new_tokens=8", "model.seq_length=128",
+    ]  # fmt: skip
+    run_distributed(_rl, 1, rl)
+    with open(os.path.join(rl_dir, "run_info.json")) as f:
+        info = json.load(f)
+    assert info["rl_data"]["train"] > 0 and info["rl_data"]["chat_template"] == f"{hf} (its chat_template)"
+    curves = read_run(rl_dir)
+    assert sorted(curves["rl/response_length"]) == [1, 2] and sorted(curves["rl/accuracy_heldout"]) == [0, 2]
+    # what the run rendered and stopped at, with this tokenizer
+    from megatron_step.data.tokenizer import load_tokenizer
+    from megatron_step.rl.dataset import DatasetTask, RLDataConfig
+    from megatron_step.rl.rollouts import RolloutSampler
+    from megatron_step.rl.sandbox import SandboxConfig
+
+    tok = load_tokenizer(hf)
+    task = DatasetTask(RLDataConfig(train=[str(probs)]), SandboxConfig(), tok)
+    assert task.template.text == OWN_TEMPLATE
+    assert task.prompt(task.train(1, 0)[0]).endswith("<|im_start|>assistant<|im_sep|>")
+    assert RolloutSampler._stop_ids(task, tok) == (tok.token_id("<|im_end|>"),)
