@@ -1,9 +1,13 @@
-"""Post-training end to end through the entry points, on files: SFT on a chat JSONL -> RL on a problems
-JSONL with data_source routing (two seeds) -> held-out avg@k by RL step -> evaluation of the start and
-the ends -> HF export with the tokenizer and chat template -> `transformers` greedy generation with
-apply_chat_template against tools/generate.py.
+"""Post-training end to end through the entry points, on files: pretraining (the demo's) -> SFT on a
+chat JSONL from its checkpoint -> RL on a problems JSONL with data_source routing (two seeds) ->
+held-out avg@k by RL step -> evaluation of the start and the ends -> HF export with the tokenizer and
+chat template -> `transformers` greedy generation with apply_chat_template against tools/generate.py.
 
-    python -m benchmarks.posttrain_e2e --out runs/posttrain_e2e            # ~45 min on 2 CPU cores
+    python -m benchmarks.posttrain_e2e --out runs/posttrain_e2e            # ~50 min on 2 CPU cores
+    python -m benchmarks.posttrain_e2e --no-pretrain ...                   # SFT from fresh weights
+
+Pretraining is `make demo`'s run (pretrain/pretrain_step.py --config examples/tiny/tiny.yaml: the
+embedded corpus, 300 steps); SFT starts from its checkpoint (train.init_from).
 
 Files: the chat JSONL is written by the embedded chat generator (megatron_step.stages.sft.embedded_chats:
 arithmetic problems with worked solutions as conversations, some with a system prompt, some two
@@ -61,6 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
     ap.add_argument("--rl-steps", type=int, default=60)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--no-pretrain", action="store_true", help="SFT from fresh weights")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -69,11 +74,20 @@ def main(argv=None) -> dict:
 
     data_dir = os.path.join(out, "data")
     train_file, valid_file = embedded_chats(data_dir, 4800, 64, 1234)
-    sft_dir = os.path.join(out, "sft")
+    sft_dir, init = os.path.join(out, "sft"), []
+    if not args.no_pretrain:
+        pre_dir = os.path.join(out, "pretrain")
+        if not _done(pre_dir, 300):
+            cmd = ["pretrain/pretrain_step.py", "--config", "examples/tiny/tiny.yaml"]
+            _run(
+                [*cmd, f"train.run_dir={pre_dir}", f"data.data_dir={data_dir}"],
+                os.path.join(out, "pretrain.log"),
+            )
+        init = [f"train.init_from={pre_dir}"]
     if not _done(sft_dir, 300):
         cmd = ["posttrain/train_sft.py", "--config", "examples/sft/sft_tiny.yaml", f"train.run_dir={sft_dir}"]
         cmd += [f"data.data_dir={data_dir}", f"sft.train_files=[{train_file}]"]
-        _run([*cmd, f"sft.valid_files=[{valid_file}]", *SFT], os.path.join(out, "sft.log"))
+        _run([*cmd, f"sft.valid_files=[{valid_file}]", *SFT, *init], os.path.join(out, "sft.log"))
     procs = []
     for seed in args.seeds:
         run_dir = os.path.join(out, f"rl_seed{seed}")

@@ -1,7 +1,7 @@
 """Generate completions from a checkpoint: a Megatron run directory or a Hugging Face directory.
 
     python tools/generate.py --config examples/sft/sft_tiny.yaml --checkpoint runs/sft_tiny \\
-        --chat --prompt "Q: What is 2 + 3?" --stream
+        --chat --prompt $'Q: What is 2 + 3?\\nA:' --stream
     python tools/generate.py --config examples/sft/sft_tiny.yaml --checkpoint runs/sft_tiny_hf \\
         --messages '[{"role": "user", "content": "Q: What is 4 * 2?\\nA:"}]'
     python tools/generate.py --config examples/rl/rl_tiny.yaml --checkpoint runs/rl_tiny \\

@@ -1,10 +1,10 @@
-"""Dataset-driven RL: problems from the user's JSONL files (`rl.task=dataset`, the `rl.data` section),
-each scored by the reward its `data_source` names.
+"""Dataset-driven RL: problems from the user's JSONL or Parquet files (`rl.task=dataset`, the `rl.data`
+section), each scored by the reward its `data_source` names.
 
     rl.task=dataset 'rl.data.train=[problems.jsonl]' 'rl.data.eval=[heldout.jsonl]' \\
         rl.data.rewards.mbpp=code rl.data.rewards.gsm8k=math
 
-A record (one JSON object per line):
+A record (one JSON object per line, or one row of a .parquet file):
     {"prompt": "What is 2 + 3?", "label": "5", "data_source": "gsm8k"}
     {"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}], "label": ...}
 - `prompt` (`rl.data.prompt_key`): text, or chat messages ending with a user turn. With
@@ -40,6 +40,7 @@ import random
 from dataclasses import dataclass, field
 
 from megatron_step.data.chat import ChatError, ChatTemplate, check_messages
+from megatron_step.data.records import iter_records
 from megatron_step.rl.code_reward import CodeReward
 from megatron_step.rl.rewards import exact_reward, math_reward, resolve_callable
 from megatron_step.rl.sandbox import SandboxConfig
@@ -54,7 +55,7 @@ PROMPT_FORMATS = ("chat", "raw")
 class RLDataConfig:
     """The `rl.data` section: the problem files of `rl.task=dataset` (see the module docstring)."""
 
-    train: list[str] = field(default_factory=list)  # JSONL files of training problems
+    train: list[str] = field(default_factory=list)  # JSONL / .parquet files of training problems
     eval: list[str] = field(default_factory=list)  # held-out problems; empty: a hashed tenth of train
     prompt_key: str = "prompt"
     label_key: str = "label"
@@ -64,7 +65,9 @@ class RLDataConfig:
     chat_template: str | None = None  # a Jinja file; None: the embedded tokenizer's ChatML template
     # the text that ends a chat turn: generation stops there as at eos (chat format only; one token)
     stop: str = "<|im_end|>"
-    rewards: dict[str, str] = field(default_factory=dict)  # data_source -> reward (math, exact, code, m:f)
+    # data_source -> reward: math, exact, code, preference (the rl.reward_model's win rate against the
+    # record's `solution`, scored in the trainer) or package.module:callable
+    rewards: dict[str, str] = field(default_factory=dict)
     default_reward: str = "math"  # the reward of a source not in `rewards` (and of records without one)
     correct_at: float = 1.0  # a response counts as correct (rl/accuracy_*) when its reward is >= this
     skip_bad_lines: bool = False
@@ -91,8 +94,16 @@ class DataProblem:
     where: str  # "file:line", for messages
 
 
+def preference_only(prompt: str, response: str, reference: str) -> float:
+    """The worker-side reward of a source routed to `preference`: no verifiable part (the preference
+    model, in the trainer, gives the whole reward; megatron_step.rl.rollouts)."""
+    return 0.0
+
+
 def reward_by_name(name: str, code: SandboxConfig, field_name: str):
     """A reward of `rl.data.rewards` / `rl.data.default_reward` by name."""
+    if name == "preference":
+        return preference_only
     if name == "math":
         return math_reward
     if name == "exact":
@@ -100,7 +111,9 @@ def reward_by_name(name: str, code: SandboxConfig, field_name: str):
     if name == "code":
         return CodeReward(code)
     if ":" not in name:
-        raise ValueError(f"{field_name}={name!r}: expected math, exact, code or 'package.module:callable'")
+        raise ValueError(
+            f"{field_name}={name!r}: expected math, exact, code, preference or 'package.module:callable'"
+        )
     return resolve_callable(name, field_name)
 
 
@@ -217,19 +230,15 @@ class DatasetTask:
             if not os.path.isfile(path):
                 raise RLDataError(f"{path}: no such file (rl.data.train / rl.data.eval)")
             n_lines = 0
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
+            try:
+                for at, record in iter_records(path):
                     n_lines += 1
                     try:
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise ChatError(f"not JSON ({e.msg} at column {e.colno})") from None
-                        p = self._record(record, f"{path}:{lineno}")
+                        if isinstance(record, ChatError):
+                            raise record
+                        p = self._record(record, at)
                     except ChatError as e:
-                        where = f"{path}:{lineno}: {e}"
+                        where = f"{at}: {e}"
                         if not self.cfg.skip_bad_lines:
                             hint = "rl.data.skip_bad_lines=true skips and counts such lines"
                             raise RLDataError(f"{where} ({hint})") from None
@@ -238,8 +247,10 @@ class DatasetTask:
                             self.reasons.append(where)
                         continue
                     out.append(p)
+            except ChatError as e:  # the file itself (not Parquet, no pyarrow)
+                raise RLDataError(str(e)) from None
             if n_lines == 0:
-                raise RLDataError(f"{path}: empty file (no JSON lines)")
+                raise RLDataError(f"{path}: empty file (no records)")
         return out
 
     # -- the Task protocol ----------------------------------------------------------------------------
@@ -278,6 +289,14 @@ class DatasetTask:
 
     def reward(self) -> RoutedReward:
         return self._reward
+
+    def preference_sources(self) -> set[str] | None:
+        """The sources whose reward is the preference model's (`rl.data.rewards.<source>=preference`);
+        None when no source is routed to it (then rl.reward_model, if set, adds to every reward)."""
+        names = {s for s, name in self.cfg.rewards.items() if name == "preference"}
+        if self.cfg.default_reward == "preference":
+            return {s for s in self.sources if s not in self.cfg.rewards} | names | {""}
+        return names or None
 
     def stop_texts(self) -> list[str]:
         return [self.cfg.stop] if self.template is not None and self.cfg.stop else []

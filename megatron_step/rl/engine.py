@@ -272,7 +272,7 @@ class Engine:
         # prefill (mask type no_mask), so there verification and MTP catch-up go one position per
         # call: the same numbers, more forwards
         self.masked_chunks = all(
-            type(m) is DotProductAttention
+            isinstance(m, DotProductAttention)
             for c in [*self.chunks, self.drafter]
             for m in c.modules()
             if hasattr(m, "core_attention") and m.core_attention is not None

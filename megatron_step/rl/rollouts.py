@@ -91,6 +91,9 @@ class RolloutBatch:
     spec: tuple[list[int], list[int]] | None = None
 
 
+_FAILED = object()  # a preference score that could not be computed
+
+
 class RolloutSampler:
     """Generation and scoring for one data-parallel rank (its `per_rank` prompts per step)."""
 
@@ -227,26 +230,40 @@ class RolloutSampler:
         return RolloutBatch(version, group_base, problems, gens, scales, seconds, spec)
 
     # -- scoring ---------------------------------------------------------------------------------------
-    def _preference(self, batch: RolloutBatch, texts: list[str]) -> list[float] | None:
-        """The preference reward of each response (in-process: a model, batched); None when it failed.
+    def _preference(self, batch: RolloutBatch, texts: list[str]) -> list:
+        """The preference reward of each response it scores (in-process: a model, batched), None for
+        the others, `_FAILED` where the call failed.
         Under TP / EP its forward is collective: every rank calls this, each with its own batch."""
         task = self.task
+        use = self._uses_preference(batch)
         try:
-            return self.preference.score_batch(
-                [(task.prompt(p), t, task.solution(p)) for p, t in zip(batch.problems, texts)]
+            scored = self.preference.score_batch(
+                [(task.prompt(p), t, task.solution(p)) for p, t, u in zip(batch.problems, texts, use) if u]
             )
         except Exception as e:  # noqa: BLE001 -- counted and logged, the run goes on
             log.warning("preference reward failed: %s", e)
-            return None
+            return [_FAILED if u else None for u in use]
+        it = iter(scored)
+        return [next(it) if u else None for u in use]
 
-    def _add_preference(self, results, prefs: list[float] | None) -> dict[str, float]:
-        """Add `rl.preference_weight` x the preference reward; a failed one fails the batch's rewards."""
-        for i, res in enumerate(results):
-            if prefs is None:
+    def _uses_preference(self, batch: RolloutBatch) -> list[bool]:
+        """Which responses the preference model scores: those of the sources routed to it
+        (rl.data.rewards.<source>=preference), or every one when no source is routed."""
+        routed = getattr(self.task, "preference_sources", lambda: None)()
+        if routed is None:
+            return [True] * len(batch.problems)
+        return [getattr(p, "source", "") in routed for p in batch.problems]
+
+    def _add_preference(self, results, prefs: list) -> dict[str, float]:
+        """Add `rl.preference_weight` x the preference reward where it was scored (None: not this
+        response's source); a failed call fails the rewards of the responses it was to score."""
+        for res, pref in zip(results, prefs, strict=True):
+            if pref is _FAILED:
                 res.failed, res.value = True, 0.0
-            elif not res.failed:
-                res.value += self.rl.preference_weight * prefs[i]
-        return {"rl/reward_preference": sum(prefs) / len(prefs)} if prefs is not None else {}
+            elif pref is not None and not res.failed:
+                res.value += self.rl.preference_weight * pref
+        got = [x for x in prefs if x is not None and x is not _FAILED]
+        return {"rl/reward_preference": sum(got) / len(got)} if got else {}
 
     def score(self, batch: RolloutBatch) -> tuple[list[list[Rollout]], dict[str, float]]:
         """Rewards for `batch` -> its prompt groups of Rollouts, and this rank's rollout metrics."""
@@ -355,6 +372,7 @@ class Evaluator:
     def __init__(self, rl: RLConfig, task: Task, sampler: RolloutSampler, engine: Engine, seed: int):
         self.rl, self.task, self.sampler, self.engine = rl, task, sampler, engine  # engine: the trainer's
         self.heldout = task.heldout(rl.eval_problems, seed)
+        self.by_source: dict[str, tuple[float, float | None]] = {}
 
     @torch.no_grad()
     def accuracy(self) -> tuple[float, float | None]:
@@ -367,8 +385,18 @@ class Evaluator:
         mine = [self.heldout[i] for i in ids]  # keeps the ranks in step (Engine.generate)
         prompts = [s.encode_prompt(p) for p in mine]
 
-        def hits(gens, problems) -> int:
-            return sum(self.task.correct(p, s.decode(x.response_ids)) for x, p in zip(gens, problems))
+        sources = list(getattr(self.task, "sources", None) or [])  # the same list on every rank
+        sources = sources if len(sources) > 1 else []
+        per = torch.zeros(len(sources), 4, dtype=torch.float64)  # greedy hits, n, sampled hits, n
+
+        def hits(gens, problems, col: int) -> int:
+            got = [self.task.correct(p, s.decode(x.response_ids)) for x, p in zip(gens, problems)]
+            for ok, p in zip(got, problems) if sources else ():
+                if p.source in sources:
+                    per[sources.index(p.source), col : col + 2] += torch.tensor(
+                        [float(ok), 1.0], dtype=torch.float64
+                    )
+            return sum(got)
 
         # a tool task is evaluated through the tool loop without rollbacks: the policy's own success
         greedy = s.rollouts(
@@ -379,7 +407,7 @@ class Evaluator:
             rollbacks=False,
             engine=self.engine,
         )
-        counts = [hits(greedy, mine), len(mine), 0, 0]
+        counts = [hits(greedy, mine, 0), len(mine), 0, 0]
         if r.eval_samples:
             k = r.eval_samples
             params = SamplingParams(
@@ -398,10 +426,14 @@ class Evaluator:
                 rollbacks=False,
                 engine=self.engine,
             )
-            counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)]), k * len(mine)]
-        t = torch.tensor(counts, dtype=torch.float64)
+            counts[2:] = [hits(sampled, [p for p in mine for _ in range(k)], 2), k * len(mine)]
+        t = torch.cat([torch.tensor(counts, dtype=torch.float64), per.flatten()])
         if dp > 1:  # sums of counts, not a mean of ratios: ranks may hold different numbers of problems
             t = t.to(compute_device())  # NCCL moves only CUDA tensors
             dist.all_reduce(t, group=ps.get_data_parallel_group())
-        t = t.tolist()
+        t, per = t[:4].tolist(), t[4:].view(-1, 4).tolist()
+        # per data_source (a task with several): {source: (greedy, sampled or None)}, for the run's log
+        self.by_source = {
+            src: (g / n, (gs / ns if ns else None)) for src, (g, n, gs, ns) in zip(sources, per) if n
+        }
         return t[0] / t[1], (t[2] / t[3] if t[3] else None)

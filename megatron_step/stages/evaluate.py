@@ -53,6 +53,11 @@ def evaluate(cfg, run_dir: str, files: list[str], k: int = 4, batch: int = 64, p
     step = None if is_hf_dir(run_dir) else checkpoint.latest_step(run_dir)
     tokenizer = policy.tokenizer
     task = DatasetTask(dataclasses.replace(r.data, train=list(files), eval=list(files)), r.code, tokenizer)
+    if task.preference_sources() is not None:
+        raise ValueError(
+            "rl.data.rewards routes a source to preference: evaluation judges correctness with verifiable "
+            "rewards (math, exact, code, module:callable); route that source to one of them here"
+        )
     problems = task.heldout(10**12, 0)  # every record, in file order
     engine = Engine(policy.chunks, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
     stop = RolloutSampler._stop_ids(task, tokenizer)

@@ -141,6 +141,10 @@ class _Run:
         self.out["accuracy"].append((step, acc))
         self.out["tokens_sampled"].append((step, self.state()[1]["tokens_sampled"]))
         metrics["rl/accuracy_heldout"] = acc
+        for src, (g, sampled) in self.evaluator.by_source.items():  # rl.task=dataset with several sources
+            metrics[f"rl/accuracy_heldout/{src or 'none'}"] = g
+            if sampled is not None:
+                metrics[f"rl/accuracy_heldout_sampled/{src or 'none'}"] = sampled
         msg = f"step {step}: held-out accuracy {acc:.3f} (greedy)"
         if acc_s is not None:
             self.out["accuracy_sampled"].append((step, acc_s))
@@ -333,6 +337,12 @@ def train_rl(cfg: RLRunConfig) -> dict:
     start = checkpoint.resume_step(t, extra_dirs=(critic_dir(t.run_dir),))
     tokenizer = run_tokenizer(cfg.data)
     task = make_task(r, tokenizer)
+    routed = getattr(task, "preference_sources", lambda: None)()
+    if routed is not None and not r.reward_model:
+        raise ValueError(
+            f"rl.data.rewards routes {sorted(s for s in routed if s) or ['(default)']} to preference, but "
+            "rl.reward_model is not set: give a reward model (tools/train_reward_model.py writes one)"
+        )
     init_from = warm_start(cfg, task, tokenizer)
     env = platform.setup(cfg.parallel, seed=t.seed)  # the same seeds whether or not a warm-up ran
     model = rl_model_config(cfg)

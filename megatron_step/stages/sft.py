@@ -25,6 +25,7 @@ from megatron_step.config.run import SFTRunConfig
 from megatron_step.data.chat import ChatTemplate
 from megatron_step.data.pipeline import run_tokenizer
 from megatron_step.data.sft import ChatDataset, read_conversations
+from megatron_step.platform.capabilities import detect
 from megatron_step.rl.tasks import ArithmeticTask
 from megatron_step.stages.pretrain import pretrain
 
@@ -100,8 +101,8 @@ def sft_datasets(cfg: SFTRunConfig, tokenizer) -> tuple[ChatDataset, ChatDataset
             )
         samples, valid_samples = samples[:-n_valid], samples[-n_valid:]
         info["valid_from_train"] = n_valid
-    train = ChatDataset(samples, tokenizer, seq, s.overlong)
-    valid = ChatDataset(valid_samples, tokenizer, seq, s.overlong)
+    train = ChatDataset(samples, tokenizer, seq, s.overlong, pack=s.pack)
+    valid = ChatDataset(valid_samples, tokenizer, seq, s.overlong, pack=s.pack)
     if s.shuffle:
         train.shuffle(cfg.train.seed)
     info.update(train=train.info, valid=valid.info, chat_template=template.source)
@@ -110,6 +111,12 @@ def sft_datasets(cfg: SFTRunConfig, tokenizer) -> tuple[ChatDataset, ChatDataset
 
 def train_sft(cfg: SFTRunConfig) -> dict:
     """Run the SFT stage per `cfg`; returns pretrain()'s result plus "data" (sft_datasets' info)."""
+    if cfg.sft.pack and detect().transformer_engine:
+        raise ValueError(
+            "sft.pack=true: packed rows need the local layer spec (its core attention takes the "
+            "block-diagonal mask); this machine builds the Transformer Engine spec, whose fused attention "
+            "takes packed sequences only as THD packed_seq_params, not built here. Use sft.pack=false"
+        )
     platform.setup(cfg.parallel, seed=cfg.train.seed)
     tokenizer = run_tokenizer(cfg.data)
     train, valid, info = sft_datasets(cfg, tokenizer)

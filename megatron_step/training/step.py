@@ -65,6 +65,32 @@ __all__ = [
 ]
 
 
+def packed_masks(segment_ids: torch.Tensor, loss_mask: torch.Tensor | None, mtp_depth: int):
+    """For rows of packed samples (`segment_ids` (B, S)): the attention mask (B, 1, S, S), True where a
+    query may not look (another sample, or a later position), and the loss mask for the MTP depths:
+    Megatron-Core's depth k reads the mask k positions on, so the first `mtp_depth` positions of every
+    sample are cleared there (those are the positions a previous sample's MTP would reach; they are
+    the chat template's header, context anyway)."""
+    s = segment_ids.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).triu(1)
+    attn = (segment_ids[:, :, None] != segment_ids[:, None, :]) | later
+    if loss_mask is None or mtp_depth == 0:
+        return attn[:, None], loss_mask
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    idx = torch.arange(s, device=segment_ids.device).expand_as(segment_ids)
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    offset = idx - first  # position within its sample
+    return attn[:, None], loss_mask * (offset >= mtp_depth)
+
+
+def _mtp_depth(model) -> int:
+    m = model
+    while hasattr(m, "module"):
+        m = m.module
+    return int(getattr(m.config, "mtp_num_layers", None) or 0)
+
+
 def lm_forward_step(data_iterator, model):
     """Megatron-Core `forward_step_func` of the next-token loss (masked by `loss_mask` when given)."""
     batch = next(data_iterator)
@@ -78,7 +104,11 @@ def lm_forward_step(data_iterator, model):
     mask = batch.get("loss_mask")
     mask = mask.float() if mask is not None else None
     extra = {"images": batch["images"]} if "images" in batch else {}
-    per_token = model(tokens, pos, None, labels=labels, loss_mask=mask, **extra)  # (B, S) on the last stage
+    attn, mtp_mask = None, mask
+    if "segment_ids" in batch:  # packed rows (megatron_step.data.sft): each sample attends to itself
+        attn, mtp_mask = packed_masks(batch["segment_ids"], mask, _mtp_depth(model))
+    # (B, S) on the last stage; `loss_mask` is what Megatron-Core's MTP losses read
+    per_token = model(tokens, pos, attn, labels=labels, loss_mask=mtp_mask, **extra)
 
     def loss_func(per_token_loss):
         if mask is None:

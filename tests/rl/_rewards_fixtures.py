@@ -69,3 +69,8 @@ def flaky_reward(prompt: str, response: str, reference: str) -> float:
 def broken_reward(prompt: str, response: str, reference: str) -> float:
     """Always raises: every call is a failed reward call (tools/evaluate.py counts them)."""
     raise RuntimeError("this reward is broken")
+
+
+def always_right(prompt: str, response: str, reference: str) -> float:
+    """1 for any response (a source every response solves)."""
+    return 1.0

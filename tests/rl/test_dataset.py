@@ -147,22 +147,24 @@ def rl_body(rank, world_size, data_dir, run_dir, init_from, extra):
 
 @pytest.mark.distributed
 def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sandbox(
-    tmp_path, embedded_data, golden_run
+    tmp_path, embedded_data, golden_run, monkeypatch
 ):
     """The golden warm-up policy (arithmetic in the "Q: ...\\nA:" frame) on a file mixing arithmetic
     and code problems: the run trains, and every code rollout's sandbox outcome is counted."""
+    monkeypatch.chdir(REPO)  # the reward workers import tests.rl._rewards_fixtures
     sft = os.path.join(golden_run("rl_sync"), "rl_sft")
     arith = [
         {"prompt": prompt_text(p), "label": p.answer, "data_source": "arith"}
         for p in arithmetic_problems(12, seed=3, max_steps=1, max_operand=5)
     ]
     code = [{"prompt": "Q: Write square(x).\nA:", "label": SQUARE, "data_source": "mbpp"}] * 4
-    files = [write(tmp_path / "train.jsonl", arith + code), write(tmp_path / "eval.jsonl", arith[:4])]
+    quiz = [{"prompt": "Q: What is 1 + 1?\nA:", "label": "-", "data_source": "quiz"}] * 2  # always right
+    files = [write(tmp_path / "train.jsonl", arith + code), write(tmp_path / "eval.jsonl", arith[:4] + quiz)]
     extra = [
-        "rl.prompts_per_step=4", "rl.group_size=2", "rl.eval_problems=4", "rl.eval_samples=0",
+        "rl.prompts_per_step=4", "rl.group_size=2", "rl.eval_problems=6", "rl.eval_samples=0",
         "rl.task=dataset", f"rl.data.train=[{files[0]}]", f"rl.data.eval=[{files[1]}]",
         "rl.data.prompt_format=raw", "rl.data.rewards.mbpp=code", "rl.code.cpu_s=1", "rl.code.wall_s=20",
-        "rl.reward_workers=2",
+        "rl.reward_workers=2", "rl.data.rewards.quiz=tests.rl._rewards_fixtures:always_right",
     ]  # fmt: skip
     run_distributed(rl_body, 1, str(embedded_data), str(tmp_path / "run"), sft, extra)
     curves = read_run(str(tmp_path / "run"))
@@ -171,9 +173,13 @@ def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sa
     assert all(n == int(n) for n in per_step) and sum(per_step) > 0  # some code prompts were drawn
     assert set(curves["rl/reward_failed"].values()) == {0.0}
     assert sorted(curves["rl/accuracy_heldout"]) == [0, 3]
+    # per source: 4 arithmetic + 2 quiz problems held out (no code problem, so no "mbpp" entry)
+    whole, ar, qz = (curves[f"rl/accuracy_heldout{s}"] for s in ("", "/arith", "/quiz"))
+    assert set(qz.values()) == {1.0} and all(abs(ar[s] * 4 + 2 - whole[s] * 6) < 1e-9 for s in whole)
+    assert not any(k.startswith("rl/accuracy_heldout/mbpp") for k in curves)
     with open(tmp_path / "run" / "run_info.json") as f:
         info = json.load(f)
-    assert info["rl_data"]["sources"] == ["arith", "mbpp"] and info["rl_data"]["skipped"] == 0
+    assert info["rl_data"]["sources"] == ["arith", "mbpp", "quiz"] and info["rl_data"]["skipped"] == 0
 
 
 @pytest.mark.distributed
@@ -205,3 +211,74 @@ def test_the_embedded_problems_written_to_a_file_train_exactly_as_the_embedded_t
     assert set(got) == set(want) and len(want) > 20
     rows = compare(want, got, rtol=0.0)
     assert all(r.ok for r in rows), format_rows(rows, ("embedded", "dataset"), only_bad=True)
+
+
+def test_a_source_routed_to_preference_is_scored_by_the_preference_model_only(tmp_path):
+    """rl.data.rewards.<source>=preference: that source's responses get rl.preference_weight x the
+    preference model's score (and nothing from the workers); other sources get none of it; a failed
+    preference call fails only the responses it was to score."""
+    import types
+
+    from megatron_step.rl.rollouts import RolloutSampler
+
+    rows = [
+        {"prompt": "What is 2 + 3?", "label": "5", "data_source": "arith"},
+        {"prompt": "Write a haiku.", "label": "-", "data_source": "chat", "solution": "Old pond, a frog."},
+    ]
+    t = task(tmp_path, rows, eval=[write(tmp_path / "eval.jsonl", rows)], rewards={"chat": "preference"})
+    assert t.preference_sources() == {"chat"}
+    arith, chat = sorted(t.train(10, 0), key=lambda p: p.source)
+    assert t.reward()("", "anything", t.reference(chat)) == 0.0  # no verifiable part in the workers
+
+    class Fake:
+        calls: list = []
+
+        def score_batch(self, items):
+            self.calls.append(items)
+            if items and items[0][1] == "boom":
+                raise RuntimeError("the model failed")
+            return [0.8] * len(items)
+
+    s = RolloutSampler.__new__(RolloutSampler)
+    s.task, s.preference, s.rl = t, Fake(), types.SimpleNamespace(preference_weight=0.5)
+    batch = types.SimpleNamespace(problems=[arith, chat, arith])
+    prefs = s._preference(batch, ["<answer>5</answer>", "A frog jumps.", "<answer>4</answer>"])
+    assert prefs == [None, 0.8, None] and Fake.calls[-1] == [(t.prompt(chat), "A frog jumps.", chat.solution)]
+    results = [types.SimpleNamespace(value=v, failed=False) for v in (1.0, 0.0, 0.0)]
+    assert s._add_preference(results, prefs) == {"rl/reward_preference": 0.8}
+    assert [(r.value, r.failed) for r in results] == [(1.0, False), (0.4, False), (0.0, False)]
+    prefs = s._preference(types.SimpleNamespace(problems=[chat, arith]), ["boom", "<answer>5</answer>"])
+    results = [types.SimpleNamespace(value=v, failed=False) for v in (0.0, 1.0)]
+    s._add_preference(results, prefs)
+    assert [(r.value, r.failed) for r in results] == [(0.0, True), (1.0, False)]
+    # without a routed source the preference model scores every response, as before
+    with_solutions = [{**r, "solution": "a worked answer"} for r in rows]
+    plain = task(tmp_path, with_solutions, eval=[write(tmp_path / "eval.jsonl", with_solutions)])
+    assert plain.preference_sources() is None
+    s.task = plain
+    batch = types.SimpleNamespace(problems=plain.train(10, 0))
+    assert s._preference(batch, ["a", "b"]) == [0.8, 0.8]
+
+
+def _rl_start(rank, world_size, data_dir, files):
+    cfg = load_run_config(
+        os.path.join(REPO, "examples/rl/rl_tiny.yaml"),
+        ["model.vocab_size=512", "data.tokenizer_vocab_size=512", f"data.data_dir={data_dir}",
+         f"train.run_dir={files[1]}", "rl.task=dataset", f"rl.data.train=[{files[0]}]",
+         f"rl.data.eval=[{files[0]}]", "rl.data.rewards.chat=preference"],
+        RLRunConfig,
+    )  # fmt: skip
+    try:
+        train_rl(cfg)
+    except ValueError as e:
+        return str(e)
+    finally:
+        platform.teardown()
+    return "started"
+
+
+@pytest.mark.distributed
+def test_a_preference_route_without_a_reward_model_is_refused_at_start(tmp_path, embedded_data):
+    f = write(tmp_path / "p.jsonl", [{"prompt": "Hi", "label": "-", "data_source": "chat"}] * 4)
+    msg = run_distributed(_rl_start, 1, str(embedded_data), (f, str(tmp_path / "run")))[0]
+    assert "routes ['chat'] to preference, but rl.reward_model is not set" in msg, msg

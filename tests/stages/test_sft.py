@@ -155,3 +155,20 @@ def test_a_tokenizers_directory_runs_sft_then_dataset_rl(embedded_data, tmp_path
     assert task.template.text == OWN_TEMPLATE
     assert task.prompt(task.train(1, 0)[0]).endswith("<|im_start|>assistant<|im_sep|>")
     assert RolloutSampler._stop_ids(task, tok) == (tok.token_id("<|im_end|>"),)
+
+
+def test_packed_sft_trains_and_tensor_parallel_follows_one_process(embedded_data, tmp_path):
+    """sft.pack=true: several conversations per row (each isolated, tests/data/test_packing.py); the
+    training loss falls, fewer rows than conversations, and TP=2 (+SP) follows one process."""
+    curves = {}
+    for world, extra in ((1, []), (2, ["parallel.tp=2", "parallel.sequence_parallel=true"])):
+        run_dir = str(tmp_path / f"tp{world}")
+        out = run_distributed(
+            run, world, _overrides(embedded_data, run_dir, "sft.pack=true", "train.save_interval=0", *extra)
+        )[0]
+        curves[world] = read_run(run_dir, ["train/lm_loss", "train/grad_norm", "val/lm_loss"])
+        assert out["losses"][-1] < out["losses"][0] - 1.0, out["losses"]  # it learns
+        info = out["data"]["train"]
+        assert info["samples"] == 128 and info["rows"] < 0.8 * 128, info
+    rows = compare(curves[1], curves[2], rtol=1e-4)
+    assert rows and all(r.ok for r in rows), format_rows(rows, ("1 process", "TP2"), only_bad=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -111,6 +112,58 @@ class StepSelfAttention(SelfAttention):
         if self.head_gate is not None:
             self._gate_logits, _ = self.head_gate(hidden_states)  # (S_full, B, N)
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+
+class _WindowWithMask(torch.nn.Module):
+    """Megatron-Core's masked softmax (`inner`, a FusedScaleMaskSoftmax) where a given mask is kept on
+    sliding-window layers: the mask is OR-ed with the window (query i, keys [i - W, i], aligned to the
+    end of the keys as Megatron-Core aligns it) instead of being replaced by the window. The window
+    mask contains any causal mask, so a causal mask gives Megatron-Core's result bit for bit."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor | None, softmax_offset=None) -> torch.Tensor:
+        inner = self.inner
+        if mask is None or inner.window_size is None:
+            return inner(scores, mask, softmax_offset)
+        sq, sk = scores.shape[-2:]
+        back, ahead = inner.window_size
+        q = torch.arange(sq, device=scores.device)[:, None] + (sk - sq)
+        k = torch.arange(sk, device=scores.device)[None, :]
+        outside = (k < q - back) | (k > q + ahead)
+        saved, inner.window_size = inner.window_size, None  # the window is in the mask now
+        try:
+            return inner(scores, mask | outside, softmax_offset)
+        finally:
+            inner.window_size = saved
+
+
+class StepCoreAttention(DotProductAttention):
+    """Megatron-Core's local core attention, except on sliding-window layers: there its softmax
+    replaces any given attention mask with the window mask, so a block-diagonal mask (packed
+    sequences, megatron_step.data.sft) would hold on the full-attention layers only and samples would
+    see each other through the window. Here the given mask and the window are combined
+    (`_WindowWithMask`). Without a mask (training, prefill) and with the engine's causal cache masks
+    the numbers are Megatron-Core's own. `scale_mask_softmax` stays the module whose output is the
+    attention probabilities (MMRPT's D(s) and E3RL's credit hook it)."""
+
+    # Reaches into Megatron-Core 0.19.2's FusedScaleMaskSoftmax: its `window_size` attribute, which
+    # `forward_torch_softmax` reads to build the window mask in place of the given one.
+    WRITTEN_FOR_MCORE = "0.19.2"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not hasattr(self.scale_mask_softmax, "window_size"):
+            from megatron.core.package_info import __shortversion__ as version
+
+            raise RuntimeError(
+                f"StepCoreAttention was written for megatron-core {self.WRITTEN_FOR_MCORE}'s "
+                f"FusedScaleMaskSoftmax.window_size; megatron-core {version} has none: re-check "
+                "megatron_step/models/step_flash/layers.py"
+            )
+        self.scale_mask_softmax = _WindowWithMask(self.scale_mask_softmax)
 
 
 class ClampedSwiGLU(torch.nn.Module):

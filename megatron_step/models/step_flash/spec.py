@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_step.models.norm import RMSNorm
 from megatron_step.models.step_flash.config import StepFlashConfig
-from megatron_step.models.step_flash.layers import ClampedSwiGLU, StepSelfAttention
+from megatron_step.models.step_flash.layers import ClampedSwiGLU, StepCoreAttention, StepSelfAttention
 
 
 def backend_for(use_te: bool) -> BackendSpecProvider:
@@ -65,7 +65,10 @@ def _attention_spec(cfg: StepFlashConfig, full: bool, backend: BackendSpecProvid
         ),
         submodules=SelfAttentionSubmodules(
             linear_qkv=backend.column_parallel_linear(),
-            core_attention=backend.core_attention(),
+            # the local spec's core attention keeps a given mask on window layers (packed sequences)
+            core_attention=StepCoreAttention
+            if isinstance(backend, LocalSpecProvider)
+            else backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
             q_layernorm=qk_norm,
             k_layernorm=qk_norm,
