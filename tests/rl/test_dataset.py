@@ -175,7 +175,7 @@ def test_an_rl_run_on_problem_files_routes_arithmetic_to_math_and_code_to_the_sa
     assert sorted(curves["rl/accuracy_heldout"]) == [0, 3]
     # per source: 4 arithmetic + 2 quiz problems held out (no code problem, so no "mbpp" entry)
     whole, ar, qz = (curves[f"rl/accuracy_heldout{s}"] for s in ("", "/arith", "/quiz"))
-    assert set(qz.values()) == {1.0} and all(abs(ar[s] * 4 + 2 - whole[s] * 6) < 1e-9 for s in whole)
+    assert set(qz.values()) == {1.0} and all(abs(ar[s] * 4 + 2 - whole[s] * 6) < 1e-5 for s in whole)
     assert not any(k.startswith("rl/accuracy_heldout/mbpp") for k in curves)
     with open(tmp_path / "run" / "run_info.json") as f:
         info = json.load(f)
