@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore", message=".*not installed.*")
 from megatron_step import platform  # noqa: E402
 from megatron_step.config.run import RLRunConfig, SFTRunConfig, cli_run_config  # noqa: E402
 from megatron_step.data.chat import ChatError  # noqa: E402
+from megatron_step.data.records import iter_records  # noqa: E402
 from megatron_step.data.tokenizer import TokenizerError  # noqa: E402
 from megatron_step.rl.dataset import RLDataConfig  # noqa: E402
 from megatron_step.rl.engine import SamplingParams  # noqa: E402
@@ -47,7 +48,9 @@ def _args(ap) -> None:
     )
     ap.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     ap.add_argument("--messages", help='chat messages as JSON: [{"role": "user", "content": "..."}]')
-    ap.add_argument("--file", help='JSONL prompts: {"prompt": text | messages} or {"messages": [...]}')
+    ap.add_argument(
+        "--file", help='JSONL/Parquet prompts: {"prompt": text | messages} or {"messages": [...]}'
+    )
     ap.add_argument("--chat", action="store_true", help="render text prompts with the chat template")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: rl.max_new_tokens (64)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
@@ -70,18 +73,13 @@ def read_prompts(args) -> list:
     if args.file:
         if not os.path.isfile(args.file):
             raise ChatError(f"--file {args.file}: no such file")
-        with open(args.file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatError(f"{args.file}:{lineno}: not JSON ({e.msg} at column {e.colno})") from None
-                value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
-                if not (isinstance(value, str) and value) and not isinstance(value, list):
-                    raise ChatError(f"{args.file}:{lineno}: no 'prompt' (text or messages) nor 'messages'")
-                prompts.append(value)
+        for where, record in iter_records(args.file):  # JSONL lines or Parquet rows
+            if isinstance(record, ChatError):
+                raise ChatError(f"{where}: {record}")
+            value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+            if not (isinstance(value, str) and value) and not isinstance(value, list):
+                raise ChatError(f"{where}: no 'prompt' (text or messages) nor 'messages'")
+            prompts.append(value)
     if not prompts:
         raise ChatError("no prompt: give --prompt, --messages or --file")
     return prompts

@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
+from benchmarks.posttrain_e2e import transformers_greedy
 from megatron_step import platform
 from megatron_step.config.run import RLRunConfig, load_run_config
-from megatron_step.convert.hf_checkpoint import HFReader, export_to_hf
+from megatron_step.convert.hf_checkpoint import export_to_hf
 from megatron_step.rl.engine import SamplingParams
 from megatron_step.rl.tasks import arithmetic_problems, prompt_text
 from megatron_step.stages.evaluate import evaluate
@@ -69,33 +70,6 @@ def generate_body(rank, ws, data_dir, source, prompts, chat, sampled, extra):
         return complete(policy, prompts, params, chat=chat, n=2 if sampled else 1)
     finally:
         platform.teardown()
-
-
-def transformers_greedy(hf_dir, chats, max_new):
-    """Greedy decoding with transformers alone: AutoTokenizer's chat template, Step3p7TextModel with
-    its KV cache, the exported LM head; stops at the generation config's eos ids."""
-    from transformers import AutoTokenizer, GenerationConfig
-    from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = Step3p7TextModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
-    head = HFReader(hf_dir).get("lm_head.weight").float()
-    stops = GenerationConfig.from_pretrained(hf_dir).eos_token_id
-    out = []
-    for messages in chats:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        prompt, new, past = torch.tensor([ids]), [], None
-        with torch.no_grad():
-            for _ in range(max_new):
-                o = model(input_ids=prompt, past_key_values=past, use_cache=True)
-                past = o.past_key_values
-                t = int((o.last_hidden_state[0, -1] @ head.T).argmax())
-                new.append(t)
-                if t in stops:
-                    break
-                prompt = torch.tensor([[t]])
-        out.append((ids, new))
-    return out
 
 
 def test_a_run_directory_its_hf_export_and_transformers_generate_the_same_tokens(setup):
