@@ -47,7 +47,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 answer = tokenizer.encode(" " + task.solution(p))
                 learn = [1.0] * len(answer)
             answer, learn = answer + [tokenizer.eos], learn + [1.0]
-            full = tokenizer.with_bos(prompt + answer)
+            full = ([tokenizer.bos] if tokenizer.bos is not None else []) + prompt + answer  # as before
             first = len(full) - len(answer) - 1  # the label index of the first answer token
             ids = full[: seq_length + 1]
             n = len(ids) - 1
