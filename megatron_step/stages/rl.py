@@ -94,6 +94,11 @@ def warm_start(cfg: RLRunConfig, task, tokenizer) -> str:
     return init_from
 
 
+def _is_count(key: str) -> bool:
+    """RL metrics that count events (summed over the DP ranks by end_step, not averaged)."""
+    return key == "rl/reward_failed" or key.startswith("rl/reward_outcome_")
+
+
 _RECORDS = ("accuracy", "accuracy_sampled", "reward", "staleness", "tokens_sampled")  # train_rl's curves
 
 
@@ -165,7 +170,8 @@ class _Run:
                 "rl/step_seconds": time.perf_counter() - t0,
             }
         )
-        metrics = dp_mean(metrics, max_keys=("staleness/max",))
+        # events are counted over the DP ranks (the same total under any layout); the rest is averaged
+        metrics = dp_mean(metrics, max_keys=("staleness/max",), is_count=_is_count)
         metrics = merge_stages(metrics)  # Sigma_k of every pipeline stage's layers (collective, PP group)
         self.out["reward"].append((step + 1, metrics.get("rl/reward_mean", float("nan"))))
         # the DP mean (the same number on every rank), so all ranks stop at the same step

@@ -305,11 +305,16 @@ def _dp_group():
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
-def dp_mean(metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = ()) -> dict[str, float]:
+def dp_mean(
+    metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = (), is_count=None
+) -> dict[str, float]:
     """Per key, the mean over the ranks of `group` (default: data parallel x context parallel) that
     report it -- ranks may differ in keys (an MMRPT rank whose masked sentences are all generic has no
-    attribute term); keys in `max_keys` get the maximum instead (e.g. staleness/max). Every rank of
-    the group must call it. Sums run in float64 on the compute device (NCCL moves CUDA tensors)."""
+    attribute term); keys in `max_keys` get the maximum instead (e.g. staleness/max), keys for which
+    `is_count(key)` holds the sum (counts of events, e.g. failed reward calls: the run's total under
+    any layout; a predicate, since a rank may lack a key the others count).
+    Every rank of the group must call it. Sums run in float64 on the compute device (NCCL moves CUDA
+    tensors)."""
     group = _dp_group() if group is None else group
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     if n == 1:
@@ -329,7 +334,10 @@ def dp_mean(metrics: dict[str, float], group=None, max_keys: tuple[str, ...] = (
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
     out = {}
     for i, k in enumerate(keys):
-        out[k] = float(peaks[i]) if k in max_keys else float(sums[i]) / float(present[i])
+        if k in max_keys:
+            out[k] = float(peaks[i])
+        else:
+            out[k] = float(sums[i]) if is_count and is_count(k) else float(sums[i]) / float(present[i])
     return out
 
 

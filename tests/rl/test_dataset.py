@@ -282,3 +282,82 @@ def test_a_preference_route_without_a_reward_model_is_refused_at_start(tmp_path,
     f = write(tmp_path / "p.jsonl", [{"prompt": "Hi", "label": "-", "data_source": "chat"}] * 4)
     msg = run_distributed(_rl_start, 1, str(embedded_data), (f, str(tmp_path / "run")))[0]
     assert "routes ['chat'] to preference, but rl.reward_model is not set" in msg, msg
+
+
+def _mixed_sources(tmp_path) -> list[str]:
+    """The mixed run's files: arithmetic (math reward) in Parquet, code problems (the sandbox) in JSONL,
+    and a held-out Parquet file of arithmetic + a user callable's source ("quiz", always right)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arith = [
+        {"prompt": prompt_text(p), "label": p.answer, "data_source": "arith"}
+        for p in arithmetic_problems(12, seed=3, max_steps=1, max_operand=5)
+    ]
+    quiz = [{"prompt": "Q: What is 1 + 1?\nA:", "label": "-", "data_source": "quiz"}] * 2
+    code = [{"prompt": "Q: Write square(x).\nA:", "label": SQUARE, "data_source": "mbpp"}] * 4
+    pq.write_table(pa.Table.from_pylist(arith), str(tmp_path / "arith.parquet"))
+    pq.write_table(pa.Table.from_pylist(arith[:4] + quiz), str(tmp_path / "eval.parquet"))
+    files = [str(tmp_path / "arith.parquet"), write(tmp_path / "code.jsonl", code), str(tmp_path / "eval.parquet")]
+    return [
+        "rl.prompts_per_step=4", "rl.group_size=2", "rl.eval_problems=6", "rl.eval_samples=0",
+        "rl.task=dataset", f"rl.data.train=[{files[0]},{files[1]}]", f"rl.data.eval=[{files[2]}]",
+        "rl.data.prompt_format=raw", "rl.data.rewards.mbpp=code", "rl.code.cpu_s=1", "rl.code.wall_s=20",
+        "rl.reward_workers=2", "rl.data.rewards.quiz=tests.rl._rewards_fixtures:always_right",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mixed_one_process(tmp_path_factory, embedded_data, golden_run):
+    """The mixed-source run (Parquet + JSONL, three rewards, per-source held-out accuracy) in one
+    process: the reference of the layout test below."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    sft = os.path.join(golden_run("rl_sync"), "rl_sft")
+    extra = _mixed_sources(tmp)
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the reward workers import tests.rl._rewards_fixtures
+    try:
+        run_distributed(rl_body, 1, str(embedded_data), str(tmp / "run"), sft, extra)
+    finally:
+        os.chdir(cwd)
+    return sft, extra, read_run(str(tmp / "run"))
+
+
+MIXED_LAYOUTS = {
+    "tp2_sp": ["parallel.tp=2"],
+    "ep2": ["parallel.ep=2"],
+    "pp2": ["parallel.pp=2"],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "name", ["tp2_sp", "ep2", pytest.param("pp2", marks=pytest.mark.slow)]  # pp2: ~1 min, slow suite
+)
+def test_dataset_rl_on_mixed_sources_follows_one_process_under_each_layout(
+    name, mixed_one_process, embedded_data, tmp_path, monkeypatch
+):
+    """Dataset RL on the user's files under TP2 + SP, EP2 (two DP ranks in one expert group) and PP2:
+    the same prompts are drawn, scored by the same rewards (math-verify, the code sandbox, a user
+    callable) with the same sandbox outcomes, and every logged scalar -- losses, rewards, per-source
+    held-out accuracy -- is within 1e-4 of one process over 3 steps."""
+    monkeypatch.chdir(REPO)
+    sft, extra, want = mixed_one_process
+    run_distributed(rl_body, 2, str(embedded_data), str(tmp_path / "run"), sft, [*extra, *MIXED_LAYOUTS[name]])
+    got = read_run(str(tmp_path / "run"))
+    timing = ("seconds", "per_sec", "tflops", "mfu")
+    # differences of one set of weights with itself (~1e-9 of rounding noise from another summation
+    # order, which a relative tolerance cannot judge): an absolute one
+    noise = ("policy/mismatch_kl", "policy/mismatch_k3", "routing/confidence_gap")
+    # per-rank counts, averaged over the DP ranks (docs/metrics.md): the one process's / DP
+    per_rank = ("rl/tokens_sampled", "rl/tokens_sampled_cumulative", "policy/tokens")
+    keys = [k for k in want if k not in per_rank and not any(t in k for t in (*timing, *noise))]
+    assert "rl/accuracy_heldout/quiz" in keys and "rl/reward_outcome_pass" in keys and len(keys) > 20
+    rows = compare(got, want, rtol=1e-4, keys=keys)
+    assert all(r.ok for r in rows), format_rows(rows, (name, "1 process"), only_bad=True)
+    for k in noise:
+        assert len(want[k]) == 3 and max(abs(got[k][s] - want[k][s]) for s in want[k]) < 1e-6, k
+    outcomes = [f"rl/reward_outcome_{x}" for x in ("pass", "fail", "timeout", "crash")]
+    assert [got[k] for k in outcomes] == [want[k] for k in outcomes]  # counted exactly, over all ranks
+    dp = 2 if name == "ep2" else 1
+    assert all({s: v * dp for s, v in got[k].items()} == want[k] for k in per_rank)

@@ -738,9 +738,9 @@ def test_a_reward_failing_on_one_rank_only_completes_under_ep2(golden_run, tmp_p
     extra.append("rl.reward_fn=tests.rl.test_rl_layouts:fails_on_rank_one")
     _torchrun(["posttrain/train_rl.py", "--config", run.config, *args, *extra, f"train.run_dir={tmp_path}"])
     got = read_run(str(tmp_path), ["rl/reward_failed", "policy/padding_microbatches"])
-    # per step: rank 1's 1 prompt x 4 samples fail, rank 0's 4 score (DP mean (4 + 0) / 2); rank 1
+    # per step: rank 1's 1 prompt x 4 samples fail, rank 0's 4 score (a count: summed over DP); rank 1
     # trains nothing and pads rank 0's one microbatch (cumulative, DP mean (2 + 0) / 2 after 2 steps)
-    assert got["rl/reward_failed"] == {1: 2.0, 2: 2.0}, got
+    assert got["rl/reward_failed"] == {1: 4.0, 2: 4.0}, got
     assert got["policy/padding_microbatches"] == {1: 0.5, 2: 1.0}, got
 
 
