@@ -298,7 +298,8 @@ def _mixed_sources(tmp_path) -> list[str]:
     code = [{"prompt": "Q: Write square(x).\nA:", "label": SQUARE, "data_source": "mbpp"}] * 4
     pq.write_table(pa.Table.from_pylist(arith), str(tmp_path / "arith.parquet"))
     pq.write_table(pa.Table.from_pylist(arith[:4] + quiz), str(tmp_path / "eval.parquet"))
-    files = [str(tmp_path / "arith.parquet"), write(tmp_path / "code.jsonl", code), str(tmp_path / "eval.parquet")]
+    code_file = write(tmp_path / "code.jsonl", code)
+    files = [str(tmp_path / "arith.parquet"), code_file, str(tmp_path / "eval.parquet")]
     return [
         "rl.prompts_per_step=4", "rl.group_size=2", "rl.eval_problems=6", "rl.eval_samples=0",
         "rl.task=dataset", f"rl.data.train=[{files[0]},{files[1]}]", f"rl.data.eval=[{files[2]}]",
@@ -343,7 +344,8 @@ def test_dataset_rl_on_mixed_sources_follows_one_process_under_each_layout(
     held-out accuracy -- is within 1e-4 of one process over 3 steps."""
     monkeypatch.chdir(REPO)
     sft, extra, want = mixed_one_process
-    run_distributed(rl_body, 2, str(embedded_data), str(tmp_path / "run"), sft, [*extra, *MIXED_LAYOUTS[name]])
+    layout = [*extra, *MIXED_LAYOUTS[name]]
+    run_distributed(rl_body, 2, str(embedded_data), str(tmp_path / "run"), sft, layout)
     got = read_run(str(tmp_path / "run"))
     timing = ("seconds", "per_sec", "tflops", "mfu")
     # differences of one set of weights with itself (~1e-9 of rounding noise from another summation
