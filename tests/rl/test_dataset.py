@@ -333,7 +333,8 @@ MIXED_LAYOUTS = {
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "name", ["tp2_sp", "ep2", pytest.param("pp2", marks=pytest.mark.slow)]  # pp2: ~1 min, slow suite
+    "name",
+    ["tp2_sp", "ep2", pytest.param("pp2", marks=pytest.mark.slow)],  # pp2: ~1 min, slow suite
 )
 def test_dataset_rl_on_mixed_sources_follows_one_process_under_each_layout(
     name, mixed_one_process, embedded_data, tmp_path, monkeypatch
